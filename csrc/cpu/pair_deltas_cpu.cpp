@@ -1,0 +1,69 @@
+// Stage 1 on the CPU: the per-(weight, sample) change d of the head's input unit.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../numerics.h"
+
+namespace weightablate {
+namespace {
+
+template <typename scalar_t>
+void pair_deltas_rows(const scalar_t* a_t, const scalar_t* z_t, const int64_t* rows, const int64_t* cols,
+                      const scalar_t* w, const double* gain, const double* shift, const double* slope,
+                      int64_t n_samples, int64_t begin, int64_t end, double* out) {
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t i = rows[k];
+    const scalar_t* a = a_t + cols[k] * n_samples;
+    const scalar_t* z = z_t + i * n_samples;
+    const double wk = static_cast<double>(w[k]), g = gain[i], s = shift[i], sl = slope[i];
+    double* d = out + k * n_samples;
+    for (int64_t n = 0; n < n_samples; ++n) {
+      // A float32 product is exact in float64.
+      const double delta = wk * static_cast<double>(a[n]);
+      d[n] = delta == 0.0 ? 0.0 : leaky_delta(g * static_cast<double>(z[n]) + s, -g * delta, sl);
+    }
+  }
+}
+
+at::Tensor pair_deltas_cpu(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
+                           const at::Tensor& cols, const at::Tensor& w, const at::Tensor& gain,
+                           const at::Tensor& shift, const at::Tensor& slope) {
+  TORCH_CHECK(a_t.dim() == 2 && z_t.dim() == 2, "pair_deltas: a_t (J, N) and z_t (I, N) must be 2-D");
+  TORCH_CHECK(a_t.size(1) == z_t.size(1), "pair_deltas: a_t and z_t need the same number of samples");
+  TORCH_CHECK(a_t.scalar_type() == z_t.scalar_type() && w.scalar_type() == a_t.scalar_type(),
+              "pair_deltas: a_t, z_t and w must share one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "pair_deltas: rows, cols must be int64");
+  TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes() && w.sizes() == rows.sizes(),
+              "pair_deltas: rows, cols and w must be 1-D of one length K");
+  const int64_t I = z_t.size(0), J = a_t.size(0), N = a_t.size(1), K = rows.size(0);
+  for (const auto* t : {&gain, &shift, &slope}) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 1 && t->size(0) == I,
+                "pair_deltas: gain, shift and slope must be float64 of shape (I,)");
+  }
+  auto out = at::empty({K, N}, a_t.options().dtype(at::kDouble));
+  if (K == 0 || N == 0) return out;
+  auto rows_c = rows.contiguous(), cols_c = cols.contiguous();
+  TORCH_CHECK(rows_c.min().item<int64_t>() >= 0 && rows_c.max().item<int64_t>() < I, "pair_deltas: rows out of range");
+  TORCH_CHECK(cols_c.min().item<int64_t>() >= 0 && cols_c.max().item<int64_t>() < J, "pair_deltas: cols out of range");
+  auto a_c = a_t.contiguous(), z_c = z_t.contiguous(), w_c = w.contiguous();
+  auto g_c = gain.contiguous(), s_c = shift.contiguous(), sl_c = slope.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "pair_deltas_cpu", [&] {
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      pair_deltas_rows<scalar_t>(a_c.data_ptr<scalar_t>(), z_c.data_ptr<scalar_t>(), rows_c.data_ptr<int64_t>(),
+                                 cols_c.data_ptr<int64_t>(), w_c.data_ptr<scalar_t>(), g_c.data_ptr<double>(),
+                                 s_c.data_ptr<double>(), sl_c.data_ptr<double>(), N, begin, end,
+                                 out.data_ptr<double>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightablate, CPU, m) { m.impl("pair_deltas", &pair_deltas_cpu); }
+
+}  // namespace weightablate

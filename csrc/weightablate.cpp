@@ -1,0 +1,27 @@
+// Every op schema, once. Each backend registers its kernels in its own file
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu) with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing weightablate._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(weightablate, m) {
+  // Stage 1: d[k, n] = s(u_n,i - gain_i * w_k * a_n,j) - s(u_n,i), u = gain * z + shift,
+  // s = leaky ReLU with per-unit slope; (i, j) = (rows[k], cols[k]).
+  m.def(
+      "pair_deltas(Tensor a_t, Tensor z_t, Tensor rows, Tensor cols, Tensor w, "
+      "Tensor gain, Tensor shift, Tensor slope) -> Tensor");
+  // Stage 2: the rank-one logit correction l' = l + d[k, n] * head[unit[k]] (head=None: the
+  // target is the logits layer, l'_unit += d), summed over samples in float64:
+  // (delta_loss, delta_kl, flips, new_errors, new_correct, nonzero).
+  m.def(
+      "score_deltas(Tensor d, Tensor unit, Tensor? head, Tensor probs, Tensor logits, "
+      "Tensor labels, Tensor? moments, Tensor? moment_slot, bool flips) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,144 @@
+"""Pure-PyTorch implementations of the ops, with the signatures of csrc/weightablate.cpp.
+
+Same formulas as the kernels (see csrc/numerics.h), written as tensor expressions over
+(pairs, classes) blocks. The compiled kernels are tested against these; they are also the
+fallback when the extension is not built.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MOMENT_CERT_TOL = 1e-10  # csrc/numerics.h: kMomentCertTol
+MOMENT_MIN_VAR_RATIO = 1e-6  # kMomentMinVarRatio
+PHI_SERIES_MAX = 0.25  # kPhiSeriesMax
+_BLOCK = 1 << 22  # elements of one (pairs x classes) block
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """e^x - 1 - x, accurate relative to itself."""
+    s = torch.full_like(x, 1.0 / 87178291200.0)
+    for k in range(13, 1, -1):
+        s = s * x + 1.0 / math.factorial(k)
+    series = s * x * x
+    return torch.where(x.abs() <= PHI_SERIES_MAX, series, torch.expm1(x) - x)
+
+
+def log1p_minus(s: torch.Tensor) -> torch.Tensor:
+    """log1p(s) - s, accurate relative to itself."""
+    acc = torch.zeros_like(s)
+    for k in range(19, 1, -1):
+        acc = acc * s + (-1.0 if k % 2 == 0 else 1.0) / k
+    return torch.where(s.abs() < 0.1, acc * s * s, torch.log1p(s) - s)
+
+
+def pair_deltas(a_t, z_t, rows, cols, w, gain, shift, slope):
+    delta = w.double()[:, None] * a_t[cols].double()  # exact: a product of two float32
+    g = gain[rows][:, None]
+    u = g * z_t[rows].double() + shift[rows][:, None]
+    du = -g * delta
+    up = u + du
+    sl = slope[rows][:, None]
+    mixed = torch.where(up > 0, up, sl * up) - torch.where(u > 0, u, sl * u)
+    d = torch.where((u > 0) & (up > 0), du, torch.where((u <= 0) & (up <= 0), sl * du, mixed))
+    return torch.where(delta == 0, torch.zeros_like(d), d)
+
+
+def _sample_stats(logits, probs):
+    top = logits.argmax(1)
+    others = logits.scatter(1, top[:, None], float("-inf"))
+    margin = logits.gather(1, top[:, None])[:, 0] - others.amax(1)
+    q_top = probs.scatter(1, top[:, None], 0.0).sum(1)
+    return top, margin, q_top
+
+
+def _moment_kl(m, d, vabs):
+    """Moment-path KL for each pair, and whether its truncation error is certified."""
+    order = m.shape[0]
+    x = d.abs() * vabs
+    m1, m2 = m[0], m[1]
+    var = m2 - m1 * m1
+    tail = torch.full_like(x, 1.6487212707001282)  # e^0.5 >= e^x
+    for k in range(1, order + 2):
+        tail = tail * x / k
+    ok = (x <= 0.5) & (var > MOMENT_MIN_VAR_RATIO * m2) & (tail <= MOMENT_CERT_TOL * 0.5 * d * d * var)
+    s2, dk = torch.zeros_like(d), d * d * 0.5
+    for k in range(2, order + 1):
+        s2 = s2 + dk * m[k - 1]
+        dk = dk * d / (k + 1)
+    return s2 + log1p_minus(d * m1 + s2), m1, ok
+
+
+def _exact_kl(p, v, d):
+    """KL(p || softmax(l + d v)) over (B, C) blocks, and m1 = E_p v."""
+    m1 = (p * v).sum(1)
+    w = v - m1[:, None]
+    x = d[:, None] * w
+    kl = torch.log1p((p * phi(x)).sum(1) + d * (p * w).sum(1))
+    huge = x.abs().amax(1) > 30.0
+    if huge.any():
+        lse = torch.logsumexp(torch.log(p) + x, 1)
+        kl = torch.where(huge, lse, kl)
+    return kl, m1
+
+
+def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, flips):
+    K, N = d.shape
+    C = probs.shape[1]
+    f64 = dict(dtype=torch.float64, device=d.device)
+    i64 = dict(dtype=torch.int64, device=d.device)
+    dloss, dkl = torch.zeros(K, **f64), torch.zeros(K, **f64)
+    n_flips, n_err, n_corr = torch.zeros(K, **i64), torch.zeros(K, **i64), torch.zeros(K, **i64)
+    nonzero = (d != 0).any(1)
+    top, margin, q_top = _sample_stats(logits, probs)
+    if head is not None:
+        vmax, vmin = head.amax(1), head.amin(1)
+        vrange = vmax - vmin if C > 1 else torch.zeros_like(vmax)
+        vabs = torch.maximum(vmax.abs(), vmin.abs())
+    k_all, n_all = (d != 0).nonzero(as_tuple=True)
+    block = max(1, _BLOCK // max(C, 1))
+    for s in range(0, k_all.numel(), block):
+        k, n = k_all[s : s + block], n_all[s : s + block]
+        dd, i, y, p = d[k, n], unit[k], labels[n], probs[n]
+        if head is None:
+            pi = p.gather(1, i[:, None])[:, 0]
+            qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
+            kl = torch.log1p(pi * phi(dd * qi) + qi * phi(-dd * pi))
+            dce = kl + dd * torch.where(i == y, -qi, pi)
+            rng = torch.ones_like(dd) if C > 1 else torch.zeros_like(dd)
+        else:
+            v = head[i]
+            kl = torch.zeros_like(dd)
+            m1 = torch.zeros_like(dd)
+            todo = torch.ones_like(dd, dtype=torch.bool)
+            if moments is not None:
+                slot = moment_slot[i]
+                has = slot >= 0
+                if has.any():
+                    m = moments[:, slot.clamp(min=0), n]
+                    kl_m, m1_m, ok = _moment_kl(m, dd, vabs[i])
+                    ok = ok & has
+                    kl, m1, todo = torch.where(ok, kl_m, kl), torch.where(ok, m1_m, m1), ~ok
+            if todo.any():
+                kl_e, m1_e = _exact_kl(p[todo], v[todo], dd[todo])
+                kl[todo], m1[todo] = kl_e, m1_e
+            dce = kl + dd * (m1 - v.gather(1, y[:, None])[:, 0])
+            rng = vrange[i]
+        dloss.index_add_(0, k, dce)
+        dkl.index_add_(0, k, kl)
+        if flips:
+            cand = dd.abs() * rng >= margin[n]
+            if cand.any():
+                kc, nc, dc = k[cand], n[cand], dd[cand]
+                shifted = logits[nc].clone()
+                if head is None:
+                    shifted[torch.arange(nc.numel(), device=d.device), i[cand]] += dc
+                else:
+                    shifted = shifted + dc[:, None] * head[i[cand]]
+                now, pred, yc = shifted.argmax(1), top[nc], labels[nc]
+                flip = now != pred
+                n_flips.index_add_(0, kc, flip.long())
+                n_err.index_add_(0, kc, (flip & (pred == yc)).long())
+                n_corr.index_add_(0, kc, (flip & (now == yc)).long())
+    return dloss, dkl, n_flips, n_err, n_corr, nonzero

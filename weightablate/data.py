@@ -1,0 +1,59 @@
+"""Batches of (inputs, labels) from a DataLoader, any iterable of pairs, or an (X, y) tuple."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+DEFAULT_BATCH = 1024
+
+
+def _split(x, y, batch_size):
+    if batch_size is None or x.shape[0] <= batch_size:
+        yield x, y
+        return
+    for s in range(0, x.shape[0], batch_size):
+        yield x[s : s + batch_size], y[s : s + batch_size]
+
+
+def _raw_batches(data, batch_size):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"data: X has {x.shape[0]} samples but y has {y.shape[0]}")
+        yield from _split(x, y, batch_size or DEFAULT_BATCH)
+        return
+    if not isinstance(data, Iterable) or isinstance(data, torch.Tensor):
+        raise TypeError("data must be a DataLoader, an iterable of (inputs, labels) batches or a tuple (X, y), "
+                        f"got {type(data).__name__}")
+    for k, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"data: batch {k} is not an (inputs, labels) pair but {type(item).__name__}")
+        x, y = item
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"data: batch {k} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
+        yield from _split(x, y, batch_size)
+
+
+def batches(data, batch_size: int | None, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Checked batches on ``device``: labels int64 (N,), floating inputs of the model's ``dtype``,
+    finite. Raises ValueError/TypeError naming ``data`` and the batch."""
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    total = 0
+    for k, (x, y) in enumerate(_raw_batches(data, batch_size)):
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"data: batch {k} has labels of shape {tuple(y.shape)} for {x.shape[0]} inputs")
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"data: batch {k} labels must be integer class indices, got {y.dtype}")
+        if x.is_floating_point():
+            if x.dtype != dtype:
+                raise TypeError(f"data: batch {k} inputs are {x.dtype} but the model's weights are {dtype}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"data: batch {k} inputs contain NaN or inf")
+        if x.shape[0] == 0:
+            continue
+        total += x.shape[0]
+        yield x.to(device), y.to(device=device, dtype=torch.int64)
+    if total == 0:
+        raise ValueError("data: no samples")
