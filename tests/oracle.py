@@ -1,0 +1,39 @@
+"""The independent float64 oracle: zero one weight of a float64 copy, evaluate, restore.
+
+Kept apart from weightablate.naive on purpose: the tests trust this file, not the library.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
+def oracle(model, layer: str, X, y, flat_idx):
+    """Per weight: summed CE change, sum of |per-sample CE change|, the oracle's own rounding
+    bound, summed KL, flips and whether every logit stayed bitwise equal; all in float64."""
+    m = copy.deepcopy(model).double().eval()
+    X = X.double() if X.is_floating_point() else X
+    w = m.get_submodule(layer).weight.data.view(-1)
+    with torch.no_grad():
+        base = m(X)
+        ce0 = F.cross_entropy(base, y, reduction="none")
+        logp0 = F.log_softmax(base, 1)
+        pred0 = base.argmax(1)
+        out = {k: [] for k in ("delta_loss", "abs_sum", "round", "delta_kl", "flips", "exact_zero")}
+        for idx in flat_idx.tolist():
+            keep = w[idx].item()
+            w[idx] = 0.0
+            logits = m(X)
+            w[idx] = keep
+            ce = F.cross_entropy(logits, y, reduction="none")
+            diff = ce - ce0
+            # the oracle's own float64 rounding: a few ulps of the logits behind every loss it subtracts
+            scale = logits.abs().amax(1) + base.abs().amax(1)
+            out["round"].append(4 * torch.finfo(torch.float64).eps * scale.sum().item())
+            out["delta_loss"].append(diff.sum().item())
+            out["abs_sum"].append(diff.abs().sum().item())
+            out["delta_kl"].append((logp0.exp() * (logp0 - F.log_softmax(logits, 1))).sum().item())
+            out["flips"].append(int((logits.argmax(1) != pred0).sum()))
+            out["exact_zero"].append(bool(torch.equal(logits, base)))
+    dtypes = {"delta_loss": torch.float64, "abs_sum": torch.float64, "round": torch.float64, "delta_kl": torch.float64}
+    return {k: torch.tensor(v, dtype=dtypes.get(k)) for k, v in out.items()}
