@@ -96,18 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("weightablate-out"),
                      help="output directory (default weightablate-out)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, parser=run)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     try:
         return args.func(args) or 0
     except CLIError as exc:
-        sub.error(str(exc))  # exits 2 with the usage line
+        args.parser.error(str(exc))  # exits 2 with the subcommand's usage line
     except (ValueError, TypeError, RuntimeError) as exc:  # raised by the library with a message
         print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -155,7 +154,11 @@ def build_model(spec: str, num_classes: int) -> nn.Module:
         raise CLIError(f"--model {spec!r}: torchvision models need torchvision (pip install torchvision)") from None
     names = torchvision.models.list_models()
     if spec not in names:
-        close = [n for n in names if spec.lower() in n or n in spec.lower()][:8]
+        import difflib
+
+        classifiers = torchvision.models.list_models(module=torchvision.models)
+        close = [n for n in classifiers if n.startswith(spec.lower())][:8] or \
+            difflib.get_close_matches(spec.lower(), classifiers, n=5)
         hint = f"; did you mean one of {close}?" if close else "; see torchvision.models.list_models()"
         raise CLIError(f"--model {spec!r} is not a torchvision model name nor 'module:function'{hint}")
     kwargs = {"weights": None, "num_classes": num_classes}
