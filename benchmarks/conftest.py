@@ -117,7 +117,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       f"= {lim['fraction_of_peak'] * 100:.1f}% of peak")
     for w, g in s["guards"].items():
         tr.write_line(f"guard {w}: cpu vs torch on {g['weights']} weights, max rel err {g['max_rel_err']:.2e} "
-                      f"(tol {g['tol']:.0e}), flips equal: {g['flips_equal']}")
+                      f"(tol {g['tol']:.0e}; without the 1e-6 floor {g['max_rel_err_unfloored']:.2e}), "
+                      f"flips equal: {g['flips_equal']}, exact_zero equal: {g['exact_zero_equal']}")
     path = os.environ.get("WEIGHTABLATE_BENCH_JSON")
     if path:
         with open(path, "w") as f:

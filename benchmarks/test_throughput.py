@@ -65,14 +65,22 @@ def run(wl: Workload, weights, backend: str):
     return wa.ablate(wl.model, wl.layer, wl.data, weights, backend=backend, progress=False)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    # relative to each weight's own value; the floor only guards weights whose delta is exactly 0
-    floor = 1e-300 + 1e-12 * b.abs().max().item()
-    return ((a - b).abs() / torch.clamp(b.abs(), min=floor)).max().item()
+GUARD_FLOOR = 1e-6  # relative errors are taken against max(|delta|, GUARD_FLOOR * max |delta|)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = GUARD_FLOOR) -> float:
+    """max_k |a_k - b_k| / max(|b_k|, floor * max|b|): relative to each weight's own delta, except
+    for deltas a million times smaller than the largest one, where float64 rounding of the
+    per-sample terms (~1e-16 of the largest) is all that differs (e.g. a KL of 4e-13 next to 7e-4
+    agrees to ~2e-9 between the kernel and the reference, in either mode)."""
+    scale = torch.clamp(b.abs(), min=1e-300 + floor * b.abs().max().item())
+    return ((a - b).abs() / scale).max().item()
 
 
 def compare(cpu, ref) -> dict:
     return {"max_rel_err": max(_rel_err(cpu.delta_loss, ref.delta_loss), _rel_err(cpu.delta_kl, ref.delta_kl)),
+            "max_rel_err_unfloored": max(_rel_err(cpu.delta_loss, ref.delta_loss, 0.0),
+                                         _rel_err(cpu.delta_kl, ref.delta_kl, 0.0)),
             "flips_equal": bool(torch.equal(cpu.flips, ref.flips) and torch.equal(cpu.new_errors, ref.new_errors)
                                 and torch.equal(cpu.new_correct, ref.new_correct)),
             "exact_zero_equal": bool(torch.equal(cpu.exact_zero, ref.exact_zero))}
