@@ -13,6 +13,10 @@ import torch
 from . import _reference
 
 BACKENDS = ("auto", "cpu", "cuda", "torch", "naive")
+# Compiled kernels that backend="auto" picks. The CUDA kernels compile everywhere but have not
+# yet run on a GPU (benchmarks/gpu_check.sh does that): until then they are opt-in (backend="cuda")
+# and "auto" on CUDA tensors uses the tested PyTorch reference.
+AUTO_KERNELS = ("cpu",)
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.weightablate.*)
@@ -55,7 +59,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     compiled = compiled_backends()
     if backend == "auto":
-        if device.type in compiled:
+        if device.type in compiled and device.type in AUTO_KERNELS:
             return device.type
         if _LOAD_ERROR is not None and not _warned:
             _warned = True

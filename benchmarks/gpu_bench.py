@@ -1,0 +1,69 @@
+"""GPU benchmark for benchmarks/gpu_check.sh: the AlexNet-shaped head (FC2 4096x4096 -> ReLU ->
+FC3 4096x1000) on N = 50,000 samples of sparse ReLU inputs. Times the CUDA kernels on 4096 random
+weights and on the whole layer (16.7M weights; extrapolated from a timed slice when a full pass
+would not fit the 5-minute check), the PyTorch reference on the same GPU, and the naive loop on a
+few weights; prints weights/s and ratios, and the arithmetic floor of the moment GEMMs."""
+import time
+
+import torch
+from torch import nn
+
+import weightablate as wa
+
+
+def sync_time(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    N, I, C = 50_000, 4096, 1000
+    model = nn.Sequential(nn.Linear(I, I), nn.ReLU(), nn.Linear(I, C)).to(dev).eval()
+    X = torch.relu(torch.randn(N, I, device=dev, generator=g) - 0.3) * 2.0
+    y = torch.randint(0, C, (N,), device=dev, generator=g)
+    data = (X, y)
+    rows = []
+
+    def run(label, weights, backend, batch=4096):
+        t, r = sync_time(lambda: wa.ablate(model, "0", data, weights=weights, backend=backend, batch_size=batch,
+                                           progress=False))
+        rows.append((label, len(r), t, len(r) / t))
+        return r
+
+    run("warm-up", 64, "cuda")
+    r_cuda = run("cuda, 4096 random weights", 4096, "cuda")
+    r_torch = run("torch reference, 4096 random weights", 4096, "torch")
+    rel = ((r_cuda.delta_loss - r_torch.delta_loss).abs() / r_torch.delta_loss.abs().clamp_min(1e-300)).max()
+    print(f"cuda vs torch reference, max relative difference: {rel:.2e}")
+    naive_idx = r_cuda.indices[:2]
+    run("naive, 2 weights", naive_idx, "naive")
+    # whole layer: a slice of full rows (all 4096 weights of 256 units share their moments) -> extrapolate
+    slice_rows = 256
+    flat = torch.arange(slice_rows * I)
+    r = run(f"cuda, {slice_rows} full rows", flat, "cuda")
+    full_s = rows[-1][2] * I / slice_rows
+    # floor: D = 6 float64 moment GEMMs per batch over all units, at the measured float64 matmul rate
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float64)
+    t, _ = sync_time(lambda: a @ a)
+    t, _ = sync_time(lambda: a @ a)
+    rate = 2 * 4096**3 / t
+    floor = 6 * 2 * N * C * I / rate
+    print(f"\n{'workload':42s} {'weights':>10s} {'seconds':>9s} {'weights/s':>12s}")
+    for label, k, t, wps in rows:
+        print(f"{label:42s} {k:10d} {t:9.3f} {wps:12.4g}")
+    cuda_wps = rows[1][3]
+    print(f"\ncuda / torch reference: {cuda_wps / rows[2][3]:.1f}x; cuda / naive: {cuda_wps / rows[3][3]:.0f}x")
+    print(f"whole layer (16.7M weights, N={N}): {full_s:.1f} s extrapolated from {slice_rows} rows "
+          f"(target < 60 s, stretch 10 s)")
+    print(f"float64 matmul {rate / 1e12:.1f} TFLOP/s -> moment-GEMM floor {floor:.2f} s; "
+          f"measured/floor {full_s / floor:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+// The two ops on the GPU: same formulas as csrc/cpu (shared through ../numerics.h).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cfloat>
+
+#include "../numerics.h"
+
+namespace weightablate {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void pair_deltas_kernel(const scalar_t* __restrict__ a_t, const scalar_t* __restrict__ z_t,
+                                   const int64_t* __restrict__ rows, const int64_t* __restrict__ cols,
+                                   const scalar_t* __restrict__ w, const double* __restrict__ gain,
+                                   const double* __restrict__ shift, const double* __restrict__ slope, int64_t K,
+                                   int64_t N, double* __restrict__ out) {
+  const int64_t total = K * N;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t k = idx / N, n = idx - k * N;
+    const int64_t i = rows[k];
+    const double delta = static_cast<double>(w[k]) * static_cast<double>(a_t[cols[k] * N + n]);
+    const double g = gain[i];
+    out[idx] = delta == 0.0 ? 0.0
+                            : leaky_delta(g * static_cast<double>(z_t[i * N + n]) + shift[i], -g * delta, slope[i]);
+  }
+}
+
+at::Tensor pair_deltas_cuda(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
+                            const at::Tensor& cols, const at::Tensor& w, const at::Tensor& gain,
+                            const at::Tensor& shift, const at::Tensor& slope) {
+  TORCH_CHECK(a_t.dim() == 2 && z_t.dim() == 2, "pair_deltas: a_t (J, N) and z_t (I, N) must be 2-D");
+  TORCH_CHECK(a_t.size(1) == z_t.size(1), "pair_deltas: a_t and z_t need the same number of samples");
+  TORCH_CHECK(a_t.scalar_type() == z_t.scalar_type() && w.scalar_type() == a_t.scalar_type(),
+              "pair_deltas: a_t, z_t and w must share one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "pair_deltas: rows, cols must be int64");
+  TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes() && w.sizes() == rows.sizes(),
+              "pair_deltas: rows, cols and w must be 1-D of one length K");
+  for (const auto* t : {&z_t, &rows, &cols, &w, &gain, &shift, &slope}) {
+    TORCH_CHECK(t->device() == a_t.device(), "pair_deltas: every tensor must be on ", a_t.device());
+  }
+  const int64_t I = z_t.size(0), J = a_t.size(0), N = a_t.size(1), K = rows.size(0);
+  for (const auto* t : {&gain, &shift, &slope}) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 1 && t->size(0) == I,
+                "pair_deltas: gain, shift and slope must be float64 of shape (I,)");
+  }
+  const c10::cuda::CUDAGuard guard(a_t.device());
+  auto out = at::empty({K, N}, a_t.options().dtype(at::kDouble));
+  if (K == 0 || N == 0) return out;
+  auto rows_c = rows.contiguous(), cols_c = cols.contiguous();
+  TORCH_CHECK(rows_c.min().item<int64_t>() >= 0 && rows_c.max().item<int64_t>() < I, "pair_deltas: rows out of range");
+  TORCH_CHECK(cols_c.min().item<int64_t>() >= 0 && cols_c.max().item<int64_t>() < J, "pair_deltas: cols out of range");
+  auto a_c = a_t.contiguous(), z_c = z_t.contiguous(), w_c = w.contiguous();
+  auto g_c = gain.contiguous(), s_c = shift.contiguous(), sl_c = slope.contiguous();
+  const int64_t blocks = std::min<int64_t>((K * N + kThreads - 1) / kThreads, 65535LL * 8);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "pair_deltas_cuda", [&] {
+    pair_deltas_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        a_c.data_ptr<scalar_t>(), z_c.data_ptr<scalar_t>(), rows_c.data_ptr<int64_t>(), cols_c.data_ptr<int64_t>(),
+        w_c.data_ptr<scalar_t>(), g_c.data_ptr<double>(), s_c.data_ptr<double>(), sl_c.data_ptr<double>(), K, N,
+        out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Per sample: base prediction, top-1 minus top-2 logit, and sum of p over the other classes.
+__global__ void sample_stats_kernel(const double* __restrict__ l, const double* __restrict__ p, int64_t N, int64_t C,
+                                    int64_t* __restrict__ top, double* __restrict__ margin,
+                                    double* __restrict__ q_top) {
+  const int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const double* ln = l + n * C;
+  int64_t best = 0;
+  for (int64_t c = 1; c < C; ++c)
+    if (ln[c] > ln[best]) best = c;
+  double second = -INFINITY, q = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c == best) continue;
+    second = fmax(second, ln[c]);
+    q += p[n * C + c];
+  }
+  top[n] = best;
+  margin[n] = ln[best] - second;
+  q_top[n] = q;
+}
+
+__device__ double exact_kl_dev(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+  const double x = fabs(d) * range;
+  if (x <= 30.0) {
+    double t = 0.0, r = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double w = v[c] - m1;
+      t += p[c] * phi(d * w);
+      r += p[c] * w;
+    }
+    return log1p(t + d * r);
+  }
+  double mx = -INFINITY;
+  for (int64_t c = 0; c < C; ++c) mx = fmax(mx, log(p[c]) + d * (v[c] - m1));
+  double s = 0.0;
+  for (int64_t c = 0; c < C; ++c) s += exp(log(p[c]) + d * (v[c] - m1) - mx);
+  return mx + log(s);
+}
+
+__device__ bool moment_kl_dev(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
+  const double x = fabs(d) * vabs;
+  if (x > 0.5) return false;
+  const double m1 = m[0], m2 = m[stride];
+  const double var = m2 - m1 * m1;
+  if (!(var > kMomentMinVarRatio * m2)) return false;
+  double tail = 1.6487212707001282;
+  for (int64_t k = 1; k <= order + 1; ++k) tail *= x / k;
+  if (!(tail <= kMomentCertTol * 0.5 * d * d * var)) return false;
+  double s2 = 0.0, dk = d * d * 0.5;
+  for (int64_t k = 2; k <= order; ++k) {
+    s2 += dk * m[(k - 1) * stride];
+    dk *= d / (k + 1);
+  }
+  *kl = s2 + log1p_minus(d * m1 + s2);
+  return true;
+}
+
+__device__ int64_t argmax_shifted_dev(const double* l, const double* v, int64_t C, double d, int64_t unit) {
+  int64_t best = 0;
+  double best_val = -INFINITY;
+  for (int64_t c = 0; c < C; ++c) {
+    const double val = v ? l[c] + d * v[c] : (c == unit ? l[c] + d : l[c]);
+    if (val > best_val) best_val = val, best = c;
+  }
+  return best;
+}
+
+template <typename T>
+__device__ T block_sum(T x, T* shared) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffff, x, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shared[warp] = x;
+  __syncthreads();
+  x = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : T(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffff, x, off);
+  return x;  // valid in thread 0
+}
+
+// One block per weight; threads stride over samples; float64 block sums.
+__global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64_t* __restrict__ unit,
+                                    const double* __restrict__ head, const double* __restrict__ probs,
+                                    const double* __restrict__ logits, const int64_t* __restrict__ labels,
+                                    const double* __restrict__ moments, const int64_t* __restrict__ slot_of,
+                                    int64_t order, int64_t M, const int64_t* __restrict__ top,
+                                    const double* __restrict__ margin, const double* __restrict__ q_top, int64_t N,
+                                    int64_t C, bool want_flips, double* __restrict__ out_loss,
+                                    double* __restrict__ out_kl, int64_t* __restrict__ out_flips,
+                                    int64_t* __restrict__ out_err, int64_t* __restrict__ out_corr,
+                                    bool* __restrict__ out_nz) {
+  __shared__ double shared_d[32];
+  __shared__ long long shared_i[32];
+  __shared__ double s_vmin, s_vmax;
+  const int64_t k = blockIdx.x;
+  const int64_t i = unit[k];
+  const double* v = head ? head + i * C : nullptr;
+  // Simple and deterministic: thread 0 scans v once (O(C) per weight, negligible next to O(N)).
+  if (threadIdx.x == 0) {
+    double mn = 0.0, mxv = 1.0;
+    if (v) {
+      mn = mxv = v[0];
+      for (int64_t c = 1; c < C; ++c) mn = fmin(mn, v[c]), mxv = fmax(mxv, v[c]);
+    }
+    s_vmin = mn;
+    s_vmax = mxv;
+  }
+  __syncthreads();
+  const double range = C > 1 ? s_vmax - s_vmin : 0.0;
+  const double vabs = fmax(fabs(s_vmin), fabs(s_vmax));
+  const int64_t slot = slot_of ? slot_of[i] : -1;
+  double sum_loss = 0.0, sum_kl = 0.0;
+  long long n_flips = 0, n_err = 0, n_corr = 0, any = 0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const double dd = dmat[k * N + n];
+    if (dd == 0.0) continue;
+    any = 1;
+    const int64_t y = labels[n];
+    const double* p = probs + n * C;
+    double kl, dce;
+    if (v) {
+      double m1;
+      if (slot >= 0 && moment_kl_dev(moments + slot * N + n, order, M * N, dd, vabs, &kl)) {
+        m1 = moments[slot * N + n];
+      } else {
+        m1 = 0.0;
+        for (int64_t c = 0; c < C; ++c) m1 += p[c] * v[c];
+        kl = exact_kl_dev(p, v, C, dd, m1, range);
+      }
+      dce = kl + dd * (m1 - v[y]);
+    } else {
+      const double pi = p[i];
+      const double qi = (i == top[n] && pi > 0.5) ? q_top[n] : 1.0 - pi;
+      kl = log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
+      dce = kl + dd * (i == y ? -qi : pi);
+    }
+    sum_loss += dce;
+    sum_kl += kl;
+    if (want_flips && fabs(dd) * range >= margin[n]) {
+      const int64_t pred = top[n], now = argmax_shifted_dev(logits + n * C, v, C, dd, i);
+      if (now != pred) {
+        ++n_flips;
+        n_err += (pred == y);
+        n_corr += (now == y);
+      }
+    }
+  }
+  sum_loss = block_sum(sum_loss, shared_d);
+  sum_kl = block_sum(sum_kl, shared_d);
+  n_flips = block_sum(n_flips, shared_i);
+  n_err = block_sum(n_err, shared_i);
+  n_corr = block_sum(n_corr, shared_i);
+  any = block_sum(any, shared_i);
+  if (threadIdx.x == 0) {
+    out_loss[k] = sum_loss;
+    out_kl[k] = sum_kl;
+    out_flips[k] = n_flips;
+    out_err[k] = n_err;
+    out_corr[k] = n_corr;
+    out_nz[k] = any > 0;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cuda(
+    const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
+    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
+    const std::optional<at::Tensor>& moment_slot, bool want_flips) {
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kDouble, "score_deltas: d must be float64 (K, N)");
+  TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kDouble && logits.sizes() == probs.sizes() &&
+                  logits.scalar_type() == at::kDouble,
+              "score_deltas: probs and logits must be float64 (N, C)");
+  const int64_t K = d.size(0), N = d.size(1), C = probs.size(1);
+  TORCH_CHECK(probs.size(0) == N, "score_deltas: probs has ", probs.size(0), " samples, d has ", N);
+  TORCH_CHECK(unit.scalar_type() == at::kLong && unit.dim() == 1 && unit.size(0) == K, "score_deltas: unit must be int64 (K,)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == N,
+              "score_deltas: labels must be int64 (N,)");
+  for (const auto* t : {&unit, &probs, &logits, &labels}) {
+    TORCH_CHECK(t->device() == d.device(), "score_deltas: every tensor must be on ", d.device());
+  }
+  const bool has_head = head.has_value() && head->defined();
+  const int64_t U = has_head ? head->size(0) : C;
+  if (has_head) {
+    TORCH_CHECK(head->dim() == 2 && head->size(1) == C && head->scalar_type() == at::kDouble &&
+                    head->device() == d.device(),
+                "score_deltas: head must be float64 (U, C) on ", d.device());
+  }
+  const bool has_moments = moments.has_value() && moments->defined();
+  int64_t order = 0, M = 0;
+  if (has_moments) {
+    TORCH_CHECK(has_head, "score_deltas: moments need a head");
+    TORCH_CHECK(moment_slot.has_value() && moment_slot->defined() && moment_slot->scalar_type() == at::kLong &&
+                    moment_slot->dim() == 1 && moment_slot->size(0) == U,
+                "score_deltas: moments need moment_slot int64 (U,)");
+    TORCH_CHECK(moments->dim() == 3 && moments->size(2) == N && moments->scalar_type() == at::kDouble &&
+                    moments->size(0) >= 2 && moments->device() == d.device() && moment_slot->device() == d.device(),
+                "score_deltas: moments must be float64 (D >= 2, M, N)");
+    order = moments->size(0);
+    M = moments->size(1);
+  }
+  const c10::cuda::CUDAGuard guard(d.device());
+  auto opts = d.options();
+  auto dloss = at::zeros({K}, opts), dkl = at::zeros({K}, opts);
+  auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),
+       new_corr = at::zeros({K}, opts.dtype(at::kLong));
+  auto nonzero = at::zeros({K}, opts.dtype(at::kBool));
+  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero};
+  auto d_c = d.contiguous(), unit_c = unit.contiguous(), p_c = probs.contiguous(), l_c = logits.contiguous(),
+       y_c = labels.contiguous();
+  TORCH_CHECK(unit_c.min().item<int64_t>() >= 0 && unit_c.max().item<int64_t>() < U, "score_deltas: unit out of range");
+  TORCH_CHECK(y_c.min().item<int64_t>() >= 0 && y_c.max().item<int64_t>() < C, "score_deltas: labels out of range");
+  at::Tensor head_c, mom_c, slot_c;
+  if (has_head) head_c = head->contiguous();
+  if (has_moments) {
+    mom_c = moments->contiguous();
+    slot_c = moment_slot->contiguous();
+    TORCH_CHECK(slot_c.max().item<int64_t>() < M, "score_deltas: moment_slot out of range");
+  }
+  auto top = at::empty({N}, opts.dtype(at::kLong));
+  auto margin = at::empty({N}, opts), q_top = at::empty({N}, opts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  sample_stats_kernel<<<(N + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      l_c.data_ptr<double>(), p_c.data_ptr<double>(), N, C, top.data_ptr<int64_t>(), margin.data_ptr<double>(),
+      q_top.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  score_deltas_kernel<<<K, kThreads, 0, stream>>>(
+      d_c.data_ptr<double>(), unit_c.data_ptr<int64_t>(), has_head ? head_c.data_ptr<double>() : nullptr,
+      p_c.data_ptr<double>(), l_c.data_ptr<double>(), y_c.data_ptr<int64_t>(),
+      has_moments ? mom_c.data_ptr<double>() : nullptr, has_moments ? slot_c.data_ptr<int64_t>() : nullptr, order, M,
+      top.data_ptr<int64_t>(), margin.data_ptr<double>(), q_top.data_ptr<double>(), N, C, want_flips,
+      dloss.data_ptr<double>(), dkl.data_ptr<double>(), flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(),
+      new_corr.data_ptr<int64_t>(), nonzero.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dloss, dkl, flips, new_err, new_corr, nonzero};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightablate, CUDA, m) {
+  m.impl("pair_deltas", &pair_deltas_cuda);
+  m.impl("score_deltas", &score_deltas_cuda);
+}
+
+}  // namespace weightablate
