@@ -19,9 +19,10 @@ TORCH_LIBRARY(weightablate, m) {
       "Tensor gain, Tensor shift, Tensor slope) -> Tensor");
   // Stage 2: the rank-one logit correction l' = l + d[k, n] * head[unit[k]] (head=None: the
   // target is the logits layer, l'_unit += d), summed over samples in float64:
-  // (delta_loss, delta_kl, flips, new_errors, new_correct, nonzero).
+  // (delta_loss, delta_kl, flips, new_errors, new_correct, nonzero, class_loss); class_loss is
+  // delta_loss split by the samples' labels, (K, C) when by_class else (K, 0).
   m.def(
       "score_deltas(Tensor d, Tensor unit, Tensor? head, Tensor probs, Tensor logits, "
-      "Tensor labels, Tensor? moments, Tensor? moment_slot, bool flips) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor labels, Tensor? moments, Tensor? moment_slot, bool flips, bool by_class=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -186,3 +186,18 @@ def test_new_errors_and_new_correct_partition_flips():
     ref = wa.ablate(model, layer, (X, y), backend="naive", precision="float64", weights=r.indices[:40])
     for k in ("flips", "new_errors", "new_correct"):
         assert torch.equal(getattr(r, k)[:40], getattr(ref, k)), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_by_class_split(backend):
+    """class_loss splits delta_loss by label in the same pass; rows sum to delta_loss."""
+    torch.manual_seed(7)
+    X, y = digits(300)
+    model, layer = make("relu")
+    trained(model, X, y, steps=50)
+    r = wa.ablate(model, layer, (X, y), weights=50, backend=backend, by_class=True, precision="float64")
+    ref = wa.ablate(model, layer, (X, y), weights=50, backend="naive", by_class=True, precision="float64")
+    assert r.class_loss.shape == (50, 10) and r.class_loss.dtype == torch.float64
+    torch.testing.assert_close(r.class_loss.sum(1), r.delta_loss, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(r.class_loss, ref.class_loss, rtol=1e-8, atol=1e-12)
+    assert wa.ablate(model, layer, (X, y), weights=5, backend=backend).class_loss is None

@@ -53,12 +53,14 @@ def test_pair_deltas_matches_reference(shape, dtype):
 @pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0, 50.0])
 def test_score_deltas_matches_reference(N, C, U, K, head, D, scale):
     args = score_inputs(N, C, U, K, D, scale=scale, head=head)
-    got = OPS.score_deltas(*args, True)
-    ref = _reference.score_deltas(*args, True)
+    got = OPS.score_deltas(*args, True, True)
+    ref = _reference.score_deltas(*args, True, True)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(got[6], ref[6], rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(got[6].sum(1), got[0], rtol=1e-12, atol=1e-300)
     # KL ~ d^2 var / 2 inherits d * (rounding of E_p v): ~1e-16 / (|d| var) relative, 1e-10 at d = 1e-6
     torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-300)
-    for g, r in zip(got[2:], ref[2:]):
+    for g, r in zip(got[2:6], ref[2:6]):
         assert torch.equal(g, r)
 
 
@@ -82,6 +84,7 @@ def test_score_deltas_kl_is_a_kl():
 def test_opcheck():
     torch.library.opcheck(OPS.pair_deltas, pair_inputs(5, 4, 9, 6))
     torch.library.opcheck(OPS.score_deltas, (*score_inputs(9, 4, 3, 5, 3), True))
+    torch.library.opcheck(OPS.score_deltas, (*score_inputs(9, 4, 3, 5, 3), True, True))
     torch.library.opcheck(OPS.score_deltas, (*score_inputs(9, 4, 3, 5, 0, head=False), False))
 
 

@@ -83,7 +83,7 @@ def _exact_kl(p, v, d):
     return kl, m1
 
 
-def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, flips):
+def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, flips, by_class=False):
     K, N = d.shape
     C = probs.shape[1]
     f64 = dict(dtype=torch.float64, device=d.device)
@@ -91,6 +91,7 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
     dloss, dkl = torch.zeros(K, **f64), torch.zeros(K, **f64)
     n_flips, n_err, n_corr = torch.zeros(K, **i64), torch.zeros(K, **i64), torch.zeros(K, **i64)
     nonzero = (d != 0).any(1)
+    class_loss = torch.zeros(K, C if by_class else 0, **f64)
     top, margin, q_top = _sample_stats(logits, probs)
     if head is not None:
         vmax, vmin = head.amax(1), head.amin(1)
@@ -126,6 +127,8 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
             dce = kl + dd * (m1 - v.gather(1, y[:, None])[:, 0])
             rng = vrange[i]
         dloss.index_add_(0, k, dce)
+        if by_class:
+            class_loss.view(-1).index_add_(0, k * C + y, dce)
         dkl.index_add_(0, k, kl)
         if flips:
             cand = dd.abs() * rng >= margin[n]
@@ -141,4 +144,4 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
                 n_flips.index_add_(0, kc, flip.long())
                 n_err.index_add_(0, kc, (flip & (pred == yc)).long())
                 n_corr.index_add_(0, kc, (flip & (now == yc)).long())
-    return dloss, dkl, n_flips, n_err, n_corr, nonzero
+    return dloss, dkl, n_flips, n_err, n_corr, nonzero, class_loss

@@ -18,7 +18,7 @@ def evaluate(model, batches):
         return [model(x) for x, _ in batches]
 
 
-def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None):
+def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, by_class=False):
     """Returns dict of (K,) tensors: delta_loss, delta_kl (float64), flips, new_errors,
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
     model's dtype, as a naive user would, and summed in float64."""
@@ -30,6 +30,8 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None):
     out = {k: torch.zeros(K, dtype=torch.float64) for k in ("delta_loss", "delta_kl")}
     out.update({k: torch.zeros(K, dtype=torch.int64) for k in ("flips", "new_errors", "new_correct")})
     out["exact_zero"] = torch.ones(K, dtype=torch.bool)
+    n_classes = base[0].shape[1]
+    out["class_loss"] = torch.zeros(K, n_classes, dtype=torch.float64) if by_class else None
     n = sum(y.numel() for _, y in batches)
     out["n_samples"] = n
     out["base_loss"] = sum(ce.double().sum().item() for ce in base_ce) / n
@@ -46,6 +48,8 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None):
             for l, (_, y), ce0, logp0, pred0, l0 in zip(logits, batches, base_ce, base_logp, base_pred, base):
                 ce = F.cross_entropy(l, y, reduction="none")
                 out["delta_loss"][k] += (ce - ce0).double().sum().item()
+                if by_class:
+                    out["class_loss"][k].index_add_(0, y.cpu(), (ce - ce0).double().cpu())
                 kl = (logp0.exp() * (logp0 - F.log_softmax(l, 1))).sum(1)
                 out["delta_kl"][k] += kl.double().sum().item()
                 pred = l.argmax(1)

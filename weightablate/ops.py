@@ -44,10 +44,11 @@ if _LOAD_ERROR is None:
         return a_t.new_empty((rows.shape[0], a_t.shape[1]), dtype=torch.float64)
 
     @torch.library.register_fake("weightablate::score_deltas")
-    def _score_deltas_fake(d, unit, head, probs, logits, labels, moments, moment_slot, flips):
+    def _score_deltas_fake(d, unit, head, probs, logits, labels, moments, moment_slot, flips, by_class=False):
         k = d.shape[0]
         f, i = d.new_empty(k), d.new_empty(k, dtype=torch.int64)
-        return f, f.clone(), i, i.clone(), i.clone(), d.new_empty(k, dtype=torch.bool)
+        split = d.new_empty((k, probs.shape[1] if by_class else 0))
+        return f, f.clone(), i, i.clone(), i.clone(), d.new_empty(k, dtype=torch.bool), split
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -90,11 +91,13 @@ def pair_deltas(backend, a_t, z_t, rows, cols, w, gain, shift, slope):
     return fn(a_t, z_t, rows, cols, w, gain, shift, slope)
 
 
-def score_deltas(backend, d, unit, head, probs, logits, labels, moments=None, moment_slot=None, flips=True):
+def score_deltas(backend, d, unit, head, probs, logits, labels, moments=None, moment_slot=None, flips=True,
+                 by_class=False):
     """Per-weight float64 sums over samples of the rank-one correction ``l' = l + d[k, n] v``.
 
     ``v = head[unit[k]]`` (C,), or ``e_unit[k]`` when ``head`` is None (the target is the logits
-    layer). Returns ``(delta_loss, delta_kl, flips, new_errors, new_correct, nonzero)``, each (K,):
+    layer). Returns ``(delta_loss, delta_kl, flips, new_errors, new_correct, nonzero, class_loss)``,
+    each (K,) but ``class_loss``: delta_loss split by label, (K, C) float64 if ``by_class`` else (K, 0):
     ``delta_loss = sum_n CE(l'_n, y_n) - CE(l_n, y_n)``, ``delta_kl = sum_n KL(p_n || p'_n)``,
     computed as ``KL = log sum_c p_c exp(d (v_c - E_p v))`` and ``dCE = KL + d (E_p v - v_y)``,
     which never subtract two losses. ``moments`` (D, M, N) with ``moment_slot`` (U,) give the raw
@@ -102,4 +105,4 @@ def score_deltas(backend, d, unit, head, probs, logits, labels, moments=None, mo
     1e-10 of their KL use them (O(D)), the rest take the exact O(C) loop.
     """
     fn = _reference.score_deltas if backend == "torch" else torch.ops.weightablate.score_deltas
-    return fn(d, unit, head, probs, logits, labels, moments, moment_slot, flips)
+    return fn(d, unit, head, probs, logits, labels, moments, moment_slot, flips, by_class)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 _TENSORS = ("indices", "rows", "cols", "weight", "delta_loss", "delta_kl", "flips", "new_errors",
-            "new_correct", "exact_zero")
+            "new_correct", "exact_zero", "class_loss")
 
 
 @dataclass
@@ -19,8 +19,9 @@ class AblationResult:
     ``rows``/``cols``, ``weight`` (the original values), ``delta_loss`` (float64,
     ``sum_n CE_n(ablated) - CE_n(base)``: positive = the weight helps), ``delta_kl`` (float64,
     ``sum_n KL(p_n || p'_n)``), ``flips``/``new_errors``/``new_correct`` (int64 prediction
-    changes), ``exact_zero`` (bool: zeroing changes no sample's logits at all). Metrics not
-    asked for are None.
+    changes), ``exact_zero`` (bool: zeroing changes no sample's logits at all); with
+    ``by_class=True`` also ``class_loss`` (K, C) float64, delta_loss split by the samples' label
+    (its rows sum to delta_loss). Metrics not asked for are None.
     """
 
     indices: torch.Tensor
@@ -36,6 +37,7 @@ class AblationResult:
     n_samples: int
     base_loss: float  # mean cross-entropy over the dataset
     base_accuracy: float
+    class_loss: torch.Tensor | None = None  # (K, C) float64: delta_loss split by label (by_class=True)
     layer: str = ""
     layer_shape: tuple[int, int] = (0, 0)
     method: str = ""  # which exact path ran: "logits", "piecewise", "elementwise" or "naive"
@@ -65,7 +67,8 @@ class AblationResult:
             import pandas as pd
         except ImportError as exc:
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
-        cols = {name: getattr(self, name).numpy() for name in _TENSORS if getattr(self, name) is not None}
+        cols = {name: getattr(self, name).numpy() for name in _TENSORS
+                if getattr(self, name) is not None and name != "class_loss"}
         if self.delta_loss is not None:
             cols["delta_loss_mean"] = self.delta_loss_mean.numpy()
         return pd.DataFrame(cols)

@@ -120,10 +120,10 @@ SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C)
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cpu(
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
-    const std::optional<at::Tensor>& moment_slot, bool want_flips) {
+    const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
   TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kDouble, "score_deltas: d must be float64 (K, N)");
   TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kDouble && logits.sizes() == probs.sizes() &&
                   logits.scalar_type() == at::kDouble,
@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),
        new_corr = at::zeros({K}, opts.dtype(at::kLong));
   auto nonzero = at::zeros({K}, opts.dtype(at::kBool));
-  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero};
+  auto class_loss = at::zeros({K, by_class ? C : 0}, opts);
+  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
 
   auto d_c = d.contiguous(), unit_c = unit.contiguous(), p_c = probs.contiguous(), l_c = logits.contiguous(),
        y_c = labels.contiguous();
@@ -186,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t* out_err = new_err.data_ptr<int64_t>();
   int64_t* out_corr = new_corr.data_ptr<int64_t>();
   bool* out_nz = nonzero.data_ptr<bool>();
+  double* out_cls = by_class ? class_loss.data_ptr<double>() : nullptr;
 
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -226,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         sum_loss += dce;
         sum_kl += kl;
+        if (out_cls) out_cls[k * C + y] += dce;
         if (want_flips && std::fabs(dd) * range >= st.margin[n]) {
           const int64_t pred = st.top[n], now = argmax_shifted(lp + n * C, v, C, dd, i);
           if (now != pred) {
@@ -243,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       out_nz[k] = any;
     }
   });
-  return {dloss, dkl, flips, new_err, new_corr, nonzero};
+  return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
 }
 
 }  // namespace

@@ -163,7 +163,7 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
                                     int64_t C, bool want_flips, double* __restrict__ out_loss,
                                     double* __restrict__ out_kl, int64_t* __restrict__ out_flips,
                                     int64_t* __restrict__ out_err, int64_t* __restrict__ out_corr,
-                                    bool* __restrict__ out_nz) {
+                                    bool* __restrict__ out_nz, double* __restrict__ out_cls) {
   __shared__ double shared_d[32];
   __shared__ long long shared_i[32];
   __shared__ double s_vmin, s_vmax;
@@ -211,6 +211,7 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
     }
     sum_loss += dce;
     sum_kl += kl;
+    if (out_cls) atomicAdd(out_cls + k * C + y, dce);
     if (want_flips && fabs(dd) * range >= margin[n]) {
       const int64_t pred = top[n], now = argmax_shifted_dev(logits + n * C, v, C, dd, i);
       if (now != pred) {
@@ -236,10 +237,10 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cuda(
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
-    const std::optional<at::Tensor>& moment_slot, bool want_flips) {
+    const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
   TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kDouble, "score_deltas: d must be float64 (K, N)");
   TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kDouble && logits.sizes() == probs.sizes() &&
                   logits.scalar_type() == at::kDouble,
@@ -278,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),
        new_corr = at::zeros({K}, opts.dtype(at::kLong));
   auto nonzero = at::zeros({K}, opts.dtype(at::kBool));
-  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero};
+  auto class_loss = at::zeros({K, by_class ? C : 0}, opts);
+  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
   auto d_c = d.contiguous(), unit_c = unit.contiguous(), p_c = probs.contiguous(), l_c = logits.contiguous(),
        y_c = labels.contiguous();
   TORCH_CHECK(unit_c.min().item<int64_t>() >= 0 && unit_c.max().item<int64_t>() < U, "score_deltas: unit out of range");
@@ -303,9 +305,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       has_moments ? mom_c.data_ptr<double>() : nullptr, has_moments ? slot_c.data_ptr<int64_t>() : nullptr, order, M,
       top.data_ptr<int64_t>(), margin.data_ptr<double>(), q_top.data_ptr<double>(), N, C, want_flips,
       dloss.data_ptr<double>(), dkl.data_ptr<double>(), flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(),
-      new_corr.data_ptr<int64_t>(), nonzero.data_ptr<bool>());
+      new_corr.data_ptr<int64_t>(), nonzero.data_ptr<bool>(), by_class ? class_loss.data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dloss, dkl, flips, new_err, new_corr, nonzero};
+  return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
 }
 
 }  // namespace
