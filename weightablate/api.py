@@ -10,7 +10,7 @@ from torch import nn
 
 from . import ops
 from .capture import capture
-from .data import batches
+from .data import batches, check_labels
 from .naive import naive_ablate
 from .plan import plan_head
 from .progress import bar
@@ -47,7 +47,8 @@ def _check_model(model: nn.Module, device) -> torch.device:
     model_device = devices.pop() if devices else torch.device("cpu")
     if device is not None:
         device = torch.device(device)
-        if device.type != model_device.type or (device.index is not None and device != model_device):
+        if device.type != model_device.type or (
+                device.type != "cpu" and device.index is not None and device.index != (model_device.index or 0)):
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}: move the model first "
                              "(model.to(device)); inputs are moved to the model's device for you")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -185,8 +186,7 @@ def _closed_form(model, name, target, flat, stream, backend, mode, want_flips, p
                     class_loss = torch.zeros(K, n_classes, dtype=torch.float64, device=device)
             if cap.logits.shape[1] != n_classes:
                 raise ValueError(f"model: {cap.logits.shape[1]} logits in one batch, {n_classes} in an earlier one")
-            if y.min() < 0 or y.max() >= n_classes:
-                raise ValueError(f"data: labels must lie in [0, {n_classes}), got {int(y.min())}..{int(y.max())}")
+            check_labels(y, n_classes)
             logits = cap.logits.double()
             logp = F.log_softmax(logits, 1)
             probs = logp.exp()

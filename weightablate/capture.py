@@ -24,6 +24,15 @@ class Captured:
     calls: list[Call] = field(default_factory=list)  # leaf-module calls, in order (traced batches only)
 
 
+def check_logits(out) -> torch.Tensor:
+    """The model's output must be one logits tensor (N, C)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model: forward must return a logits tensor (N, C), got {type(out).__name__}")
+    if out.dim() != 2:
+        raise ValueError(f"model: expected logits of shape (N, C), got {tuple(out.shape)}")
+    return out
+
+
 def _leaves(model: nn.Module):
     for name, module in model.named_modules():
         if next(module.children(), None) is None:
@@ -53,12 +62,9 @@ def capture(model: nn.Module, target: nn.Module, target_name: str, inputs: torch
     finally:
         for h in handles:
             h.remove()
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: forward must return a logits tensor (N, C), got {type(out).__name__}")
+    check_logits(out)
     if "a" not in seen:
         raise ValueError(f"layer {target_name!r} did not run in the model's forward pass")
-    if out.dim() != 2:
-        raise ValueError(f"model: expected logits of shape (N, C), got {tuple(out.shape)}")
     a, z = seen["a"], seen["z"]
     if a.dim() != 2:
         raise ValueError(f"layer {target_name!r}: input of shape {tuple(a.shape)}; only (N, features) inputs "

@@ -57,3 +57,9 @@ def batches(data, batch_size: int | None, device: torch.device, dtype: torch.dty
         yield x.to(device), y.to(device=device, dtype=torch.int64)
     if total == 0:
         raise ValueError("data: no samples")
+
+
+def check_labels(y: torch.Tensor, n_classes: int) -> None:
+    """Labels must index the model's logits."""
+    if y.numel() and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"data: labels must lie in [0, {n_classes}), got {int(y.min())}..{int(y.max())}")

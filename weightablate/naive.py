@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .capture import check_logits
+from .data import check_labels
 from .progress import bar
 
 
 def evaluate(model, batches):
     """Per-batch logits of the model (no_grad)."""
     with torch.no_grad():
-        return [model(x) for x, _ in batches]
+        return [check_logits(model(x)) for x, _ in batches]
 
 
 def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, by_class=False):
@@ -23,6 +25,8 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
     model's dtype, as a naive user would, and summed in float64."""
     base = evaluate(model, batches)
+    for logits, (_, y) in zip(base, batches):
+        check_labels(y, logits.shape[1])
     base_ce = [F.cross_entropy(l, y, reduction="none") for l, (_, y) in zip(base, batches)]
     base_logp = [F.log_softmax(l, 1) for l in base]
     base_pred = [l.argmax(1) for l in base]
