@@ -167,7 +167,7 @@ def _closed_form(model, name, target, flat, stream, backend, mode, want_flips, p
     device = target.weight.device
     K = flat.numel()
     rows, cols = (flat // n_in).to(device), (flat % n_in).to(device)
-    w = target.weight.detach().reshape(-1)[flat.to(device)]
+    w = None
     acc = [torch.zeros(K, dtype=torch.float64, device=device) for _ in range(2)]
     acc += [torch.zeros(K, dtype=torch.int64, device=device) for _ in range(3)]
     nonzero = torch.zeros(K, dtype=torch.bool, device=device)
@@ -178,6 +178,8 @@ def _closed_form(model, name, target, flat, stream, backend, mode, want_flips, p
         for x, y in stream:
             cap = capture(model, target, name, x, trace=head is None)
             if head is None:
+                # read after a forward: a pruning pre-hook recomputes the weight from its mask there
+                w = target.weight.detach().reshape(-1)[flat.to(device)]
                 n_classes = cap.logits.shape[1]
                 head = plan_head(cap.calls, name, n_out, n_classes, device)
                 head_rows = head.rows()

@@ -24,6 +24,9 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     """Returns dict of (K,) tensors: delta_loss, delta_kl (float64), flips, new_errors,
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
     model's dtype, as a naive user would, and summed in float64."""
+    if hasattr(layer, "weight_orig"):
+        raise ValueError("backend='naive' cannot zero a weight that torch.nn.utils.prune recomputes from "
+                         "weight_orig * weight_mask on every forward; call prune.remove first or use another backend")
     base = evaluate(model, batches)
     for logits, (_, y) in zip(base, batches):
         check_labels(y, logits.shape[1])
