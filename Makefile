@@ -13,6 +13,7 @@ run: $(STAMP)
 	$(VENV)/bin/weightablate run
 
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # report.html is tested in headless Chromium
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -96,7 +96,7 @@ def digits_workload(train_steps: int = 300) -> Workload:
     )
 
 
-def alexnet_head_workload(n_samples: int = 512, k_weights: int = 4096, n_naive: int = 4,
+def alexnet_head_workload(n_samples: int = 512, k_weights: int = 4096, n_naive: int = 8,
                           zero_fraction: float = 0.4, logit_std: float = 3.0) -> Workload:
     torch.manual_seed(0)
     fc2, fc3 = nn.Linear(4096, 4096), nn.Linear(4096, 1000)
@@ -114,7 +114,7 @@ def alexnet_head_workload(n_samples: int = 512, k_weights: int = 4096, n_naive: 
         std2 = model(X).std(1).mean().item()
     X = X * (logit_std / std2)
     y = torch.randint(0, 1000, (n_samples,), generator=torch.Generator().manual_seed(2))
-    # the naive subset: 4 of the same K weights the fast backends do (selection seed=0)
+    # the naive subset: n_naive of the same K weights the fast backends do (selection seed=0)
     from weightablate.selection import select_weights
 
     chosen = select_weights(k_weights, tuple(fc2.weight.shape), 0)

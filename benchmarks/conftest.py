@@ -31,14 +31,21 @@ TARGETS = {("alexnet", "cpu", "naive"): 1000.0, ("digits", "cpu", "naive"): 200.
            ("alexnet", "cpu", "torch"): 20.0, ("digits", "cpu", "torch"): 20.0}
 RATIOS = (("cpu", "naive"), ("cpu", "torch"), ("torch", "naive"))
 
-RESULTS: dict = {"runs": {}, "matmul_gflops": {}, "limits": {}, "guards": {}}
+RESULTS: dict = {"runs": {}, "matmul_gflops": {}, "limits": {}, "guards": {}, "stages": {}}
 
 
-def record_run(workload: str, backend: str, n_weights: int, seconds: list[float], **extra) -> dict:
+def record_run(workload: str, backend: str, n_weights: int, seconds: list[float], evaluations: int | None = None,
+               **extra) -> dict:
+    """evaluations: for the naive loop, the number of full evaluations per call (K + 1: the base
+    one too); its throughput is then counted per ablated weight's evaluation, K / (t K / (K + 1)),
+    which is what the loop would reach on many weights (this favours naive, never the kernel)."""
     med = statistics.median(seconds)
+    per_weight = n_weights / evaluations if evaluations else 1.0
     entry = {"workload": workload, "backend": backend, "weights": n_weights, "rounds": len(seconds),
              "median_s": med, "min_s": min(seconds), "max_s": max(seconds),
-             "weights_per_s": n_weights / med, "weights_per_s_best": n_weights / min(seconds), **extra}
+             "weights_per_s_raw": n_weights / med,
+             "weights_per_s": n_weights / (med * per_weight),
+             "weights_per_s_best": n_weights / (min(seconds) * per_weight), **extra}
     RESULTS["runs"][(workload, backend)] = entry
     return entry
 
@@ -83,7 +90,7 @@ def _summary() -> dict:
                     row["targets"][f"{num}/{den}"] = {"target": target, "met": r >= target}
         table[w] = row
     return {"machine": _machine(), "workloads": table, "matmul_gflops": RESULTS["matmul_gflops"],
-            "arithmetic_limit": RESULTS["limits"], "guards": RESULTS["guards"],
+            "arithmetic_limit": RESULTS["limits"], "guards": RESULTS["guards"], "cpu_stages_s": RESULTS["stages"],
             "runs": [dict(v) for v in runs.values()]}
 
 
@@ -110,11 +117,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for k, t in row["targets"].items():
             tr.write_line(f"target {w} {k} >= {t['target']:g}x: {'MET' if t['met'] else 'NOT MET'} "
                           f"({row['ratios'][k]:.4g}x)")
+    for w, row in s["workloads"].items():
+        run = RESULTS["runs"].get((w, "cpu"), {})
+        sel = run.get("select_weights_s")
+        if sel and sel > 0.05 * run["median_s"]:
+            wps = run["weights"] / (run["median_s"] - sel)
+            extra = ", ".join(f"{wps / row['weights_per_s'][b]:.4g}x {b}" for b in ("naive", "torch")
+                              if b in row["weights_per_s"])
+            tr.write_line(f"{w}: select_weights takes {sel * 1e3:.0f} ms of the cpu call's {run['median_s'] * 1e3:.0f} ms; "
+                          f"without it the cpu path would do {wps:.4g} weights/s ({extra})")
     for w, lim in s["arithmetic_limit"].items():
         tr.write_line(f"arithmetic limit, {w} cpu path: {lim['time_at_peak_s'] * 1e3:.1f} ms at peak "
                       f"(capture {lim['capture_s_at_peak'] * 1e3:.1f}, moments {lim['moments_s_at_peak'] * 1e3:.1f}, "
                       f"pairs {lim['pairs_s_at_peak'] * 1e3:.1f}) vs {lim['measured_median_s'] * 1e3:.1f} ms measured "
                       f"= {lim['fraction_of_peak'] * 100:.1f}% of peak")
+    for w, st in s["cpu_stages_s"].items():
+        tr.write_line(f"cpu stages, {w} (ms, medians of 3 instrumented calls): "
+                      + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in st.items()))
     for w, g in s["guards"].items():
         tr.write_line(f"guard {w}: cpu vs torch on {g['weights']} weights, max rel err {g['max_rel_err']:.2e} "
                       f"(tol {g['tol']:.0e}; without the 1e-6 floor {g['max_rel_err_unfloored']:.2e}), "

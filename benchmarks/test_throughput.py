@@ -16,7 +16,6 @@ result agrees with it too: a broken kernel is never timed as fast.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -116,7 +115,7 @@ def test_matmul_rate(benchmark, dtype):
 
     benchmark.group = "matmul"
     benchmark.pedantic(mm, rounds=7, warmup_rounds=2, iterations=1)
-    times = times[2:]  # drop the warm-up calls
+    times = times[2:] or times  # drop the warm-up calls (none with --benchmark-disable)
     flops = 2 * MATMUL_SIZE**3
     RESULTS["matmul_gflops"][dtype] = flops / min(times) / 1e9
     RESULTS["matmul_gflops"][dtype + "_median"] = flops / sorted(times)[len(times) // 2] / 1e9
@@ -128,6 +127,8 @@ def test_matmul_rate(benchmark, dtype):
 def test_throughput(benchmark, name, backend):
     wl = workload(name)
     weights = selection(wl, backend)
+    # the cpu kernel is timed on the user's own call (weights=4096 / None): selection included
+    arg = wl.weights_fast if backend == "cpu" else weights
     if backend == "cpu":
         g = guard(wl)
         assert g["ok"], f"cpu kernel disagrees with the torch reference on {name}: {g}"
@@ -135,20 +136,31 @@ def test_throughput(benchmark, name, backend):
 
     def call():
         t = time.perf_counter()
-        out = run(wl, weights, backend)
+        out = run(wl, arg, backend)
         times.append(time.perf_counter() - t)
         return out
 
     benchmark.group = name
     out = benchmark.pedantic(call, rounds=ROUNDS[backend], warmup_rounds=WARMUP[backend], iterations=1)
-    times = times[WARMUP[backend]:]
+    times = times[WARMUP[backend]:] or times  # --benchmark-disable: one call, no warm-up
     k = weights.numel()
-    entry = record_run(name, backend, k, times, samples=wl.X.shape[0], description=wl.description)
+    extra = {}
+    if backend == "cpu":  # the part of the user's call spent choosing the weights (weights=int)
+        sel = []
+        for _ in range(3):
+            t = time.perf_counter()
+            _flat(wl, wl.weights_fast)
+            sel.append(time.perf_counter() - t)
+        extra["select_weights_s"] = sorted(sel)[1]
+    entry = record_run(name, backend, k, times, evaluations=k + 1 if backend == "naive" else None,
+                       samples=wl.X.shape[0], description=wl.description, **extra)
     benchmark.extra_info.update({"weights": k, "weights_per_s": entry["weights_per_s"],
-                                 "weights_per_s_best": entry["weights_per_s_best"]})
+                                 "weights_per_s_raw": entry["weights_per_s_raw"],
+                                 "weights_per_s_best": entry["weights_per_s_best"], **extra})
     if backend == "torch":
         _cache[(name, "torch_result")] = out
     if backend == "cpu":
+        assert torch.equal(out.indices, weights)
         # the timed result agrees with the guarded one on the guard's subset (same kernel, same paths)
         sub, guarded = _cache[(name, "cpu_guard_result")]
         pos = torch.searchsorted(out.indices, sub)
@@ -157,6 +169,10 @@ def test_throughput(benchmark, name, backend):
             assert _rel_err(getattr(out, key)[pos], getattr(guarded, key)) <= GUARD_TOL
         assert torch.equal(out.flips[pos], guarded.flips)
         from bench_limits import arithmetic_limit
+        from profile_cpu import timed_stages
+
+        # where the time goes (not part of the timed rounds): medians of 3 instrumented calls
+        RESULTS["stages"][name] = timed_stages(lambda: run(wl, arg, backend), 3)
 
         lim = arithmetic_limit(wl, weights, RESULTS["matmul_gflops"])
         if lim is not None:

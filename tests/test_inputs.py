@@ -278,9 +278,20 @@ def test_device_cuda_on_cpu_model(model, data):
         wa.ablate(model, "0", data, device=torch.device("cuda", 0))
 
 
-def test_device_cpu_is_fine(model, data):
-    r = wa.ablate(model, "0", data, 3, device="cpu")
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "cpu:0", torch.device("cpu", 0)],
+                         ids=["cpu", "device(cpu)", "cpu:0", "device(cpu,0)"])
+def test_device_cpu_is_fine(model, data, device):
+    # parameters of a CPU model report device "cpu" (no index); "cpu:0" names the same device
+    r = wa.ablate(model, "0", data, 3, device=device)
     assert len(r) == 3
+
+
+def test_model_on_two_devices(data):
+    """Without a GPU: one submodule on the meta device stands in for a second device."""
+    model = mlp()
+    model[2].to("meta")
+    with pytest.raises(ValueError, match=r"model: .*several devices.*'cpu'.*'meta'"):
+        wa.ablate(model, "0", data)
 
 
 def test_unknown_backend(model, data):

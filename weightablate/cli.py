@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("weightablate-out"),
                      help="output directory (default weightablate-out)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip the report (criteria, activation statistics, figures, report.html)")
     run.set_defaults(func=cmd_run, parser=run)
+    _add_prune_parser(sub)
+    from .cli_report import add_parsers as _add_report_parsers
+
+    _add_report_parsers(sub)  # report, stats
     return parser
 
 
@@ -279,6 +285,9 @@ def cmd_run(args) -> int:
         k = None
     common = dict(backend=args.backend, mode=args.mode, precision=args.precision, seed=args.seed,
                   progress=progress, batch_size=args.batch_size)
+    from .cli_report import by_class_ok
+
+    by_class = not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_result = None
@@ -288,7 +297,8 @@ def cmd_run(args) -> int:
         X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
         n_desc = f"digits test split ({X_te.shape[0]} samples)"
         log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
-        result = ablate(model, layer, (X_te, y_te), weights=k, **common)
+        result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, **common)
+        test_data = (X_te, y_te)
         X_sub, y_sub = dg.train_subset(X_tr, y_tr, X_te.shape[0], args.seed)
         log(f"... and on a train subset of {X_sub.shape[0]} samples")
         train_result = ablate(model, layer, (X_sub, y_sub), weights=result.indices, **common)
@@ -299,19 +309,198 @@ def cmd_run(args) -> int:
         common["batch_size"] = None
         n_desc = f"ImageFolder {args.data} ({len(folder)} images, {num_classes} classes)"
         log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
-        result = ablate(model, layer, loader, weights=k, **common)
+        result = ablate(model, layer, loader, weights=k, by_class=by_class, **common)
+        test_data = loader
     result.save(args.out / "results.npz")
 
     summary = summarize(result, train_result)
     summary["model"] = model_desc
     summary["data"] = n_desc
     summary["seed"] = args.seed
-    text = f"model {model_desc}, data {n_desc}\n" + format_summary(summary)
+    report_text = ""
+    if not args.no_report:
+        from .cli_report import report_after_run
+
+        report_text = report_after_run(args, summary, result, train_result, model, layer, test_data, log)
+    text = f"model {model_desc}, data {n_desc}\n" + format_summary(summary) + report_text
     (args.out / "summary.txt").write_text(text + "\n")
     with open(args.out / "summary.json", "w") as fh:
         json.dump(to_json(summary), fh, indent=2, allow_nan=False)
         fh.write("\n")
     print(text)
     log(f"wrote {args.out / 'results.npz'}" + (", results_train.npz" if train_result is not None else "")
-        + ", summary.txt, summary.json")
+        + ", summary.txt, summary.json" + ("" if args.no_report else ", report.html and figures"))
+    return 0
+
+
+# --- the prune command ------------------------------------------------------------------------
+
+def _sparsities_arg(text: str):
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in (0, 1) or increasing ones like 0.5,0.8,0.9, "
+                                         f"got {text!r}") from None
+    if not values or any(not 0.0 < v < 1.0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(f"expected a sparsity in (0, 1) or increasing ones like 0.5,0.8,0.9, "
+                                         f"got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _add_prune_parser(sub) -> None:
+    from .prune import CRITERIA, RANKINGS
+
+    p = sub.add_parser(
+        "prune", help="iterative pruning with exact (or another) importance, torch.nn.utils.prune masks",
+        description="Iterative global unstructured pruning: score the weights of the chosen Linear layers "
+                    "(default: the exact loss change of zeroing each), prune the least important ones with "
+                    "torch.nn.utils.prune (signed ranking: weights whose removal lowers the loss go first), "
+                    "fine-tune with the masks held, re-score, repeat up to the target sparsity. Without "
+                    "arguments: the digits MLP (fc2 and fc3) to 50% in 3 steps, scored on the train split, "
+                    "evaluated on the test split. Writes pruned.pt (a plain state dict, pruned weights zero), "
+                    "history.json and summary.txt.")
+    p.add_argument("--model", help="a torchvision model name or 'module:function' (as for run). Default: the "
+                                   "digits MLP")
+    p.add_argument("--checkpoint", type=Path, help="a state dict (torch.save) loaded into the model")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (default: train split to score and fine-tune, test split to evaluate) or an "
+                        "ImageFolder directory (scores and fine-tunes on it)")
+    p.add_argument("--eval-data", help="an ImageFolder directory to evaluate on (default: --data itself)")
+    p.add_argument("--layers", help="comma-separated dotted names of the nn.Linear layers to prune together. "
+                                    "Default: every Linear layer that 'exact' can score (the logits layer and "
+                                    "Linear layers followed only by element-wise modules and the final Linear)")
+    p.add_argument("--criterion", choices=CRITERIA, default="exact", help="default exact")
+    p.add_argument("--ranking", choices=RANKINGS, default="signed",
+                   help="signed (default: smallest score pruned first) or abs (torch's L1Unstructured order, "
+                        "for comparison)")
+    p.add_argument("--sparsity", type=_sparsities_arg, default=0.5, metavar="S",
+                   help="target sparsity of the layers together, reached in --steps geometric steps, or "
+                        "increasing milestones like 0.5,0.8,0.9 (one step each). Default 0.5")
+    p.add_argument("--steps", type=_positive, default=3, help="pruning steps to a single target (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs after each step (default 2; 0: none)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for fine-tuning (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits split/model and of fine-tuning")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="ablate backend for 'exact' (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--image-size", type=_positive, default=224, metavar="S",
+                   help="ImageFolder images are resized to SxS (default 224)")
+    p.add_argument("--batch-size", type=_positive, default=None, metavar="B",
+                   help="fine-tuning batch size (default 32 for digits, 64 for an ImageFolder)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
+    p.add_argument("--out", type=Path, default=Path("weightablate-prune"),
+                   help="output directory (default weightablate-prune)")
+    p.add_argument("--quiet", action="store_true", help="no status lines")
+    p.set_defaults(func=cmd_prune, parser=p)
+
+
+def cmd_prune(args) -> int:
+    from . import digits as dg
+    from . import prune as wp
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.epochs < 0:
+        raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
+    on_digits = args.data == "digits"
+    device = _device(args)
+    default_model = args.model is None
+    if on_digits:
+        if args.eval_data is not None:
+            raise CLIError("--eval-data goes with an ImageFolder --data (digits evaluates on its test split)")
+        num_classes = dg.N_CLASSES
+    else:
+        path = Path(args.data)
+        if not path.is_dir():
+            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
+        if default_model:
+            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
+        folder = image_folder(path, args.image_size)
+        eval_folder = folder if args.eval_data is None else image_folder(Path(args.eval_data), args.image_size)
+        num_classes = len(folder.classes)
+        if len(eval_folder.classes) != num_classes:
+            raise CLIError(f"--eval-data has {len(eval_folder.classes)} classes, --data {num_classes}")
+
+    if default_model:
+        model = dg.digits_mlp() if args.checkpoint is not None else dg.digits_model(args.seed, cache=True, log=log)
+        model_desc = "digits MLP 64-256-256-10"
+    else:
+        model = build_model(args.model, num_classes)
+        model_desc = args.model
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(device).eval()
+
+    if on_digits:
+        X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)
+        score_data, train_data, eval_data = (X_tr, y_tr), (X_tr, y_tr), (X_te, y_te)
+        data_desc = f"digits: scored and fine-tuned on the train split ({X_tr.shape[0]}), evaluated on the test " \
+                    f"split ({X_te.shape[0]})"
+        batch_size, threads = args.batch_size or 32, (1 if device.type == "cpu" else None)
+    else:
+        bs = args.batch_size or 64
+        loader = lambda ds, shuffle: torch.utils.data.DataLoader(  # noqa: E731
+            ds, batch_size=bs, shuffle=shuffle, num_workers=args.workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(args.seed) if shuffle else None)
+        score_data, train_data, eval_data = loader(folder, False), loader(folder, True), loader(eval_folder, False)
+        data_desc = f"ImageFolder {args.data} ({len(folder)} images); evaluated on " + \
+                    ("the same images" if args.eval_data is None else f"{args.eval_data} ({len(eval_folder)})")
+        batch_size, threads = bs, None
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CLIError(f"--model {model_desc}: has no nn.Linear layer to prune")
+    scorable = wp.scorable_layers(model, score_data)
+    if args.layers:
+        layers = [t.strip() for t in args.layers.split(",") if t.strip()]
+        for name in layers:
+            if name not in linears:
+                raise CLIError(f"--layers: {name!r} is not an nn.Linear of the model; its Linear layers are: {linears}")
+            if args.criterion in ("exact", "obd", "taylor2") and name not in scorable:
+                raise CLIError(f"--layers: {name!r} cannot be scored by --criterion {args.criterion} in this release "
+                               "(only the logits layer and Linear layers followed by element-wise modules and the "
+                               f"final Linear have a closed form); scorable: {scorable or 'none'}. Use those, or "
+                               "--criterion magnitude/wanda/taylor")
+    else:
+        if not scorable:
+            raise CLIError(f"--model {model_desc}: none of its Linear layers {linears} is scorable exactly in this "
+                           "release (the logits layer or a Linear followed by element-wise modules and the final "
+                           "Linear); pass --layers with --criterion magnitude/wanda/taylor")
+        layers = scorable
+    total = sum(model.get_submodule(n).weight.numel() for n in layers)
+    log(f"pruning {', '.join(layers)} ({total} weights) of {model_desc} by {args.criterion} ({args.ranking} ranking) "
+        f"to {args.sparsity}; {data_desc}")
+    base_loss, base_acc = wp.evaluate(model, eval_data)
+    kwargs = {"backend": args.backend} if args.criterion == "exact" else {}
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # tiny models: one thread is the fastest (also for scoring)
+    try:
+        history = wp.iterative(model, layers, args.sparsity, score_data, criterion=args.criterion,
+                               steps=args.steps, epochs=args.epochs, train_data=train_data, eval_data=eval_data,
+                               lr=args.lr, batch_size=batch_size, seed=args.seed, ranking=args.ranking, log=log,
+                               **kwargs)
+    finally:
+        torch.set_num_threads(old_threads)
+    wp.remove(model)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out / "pruned.pt")
+    summary = {"model": model_desc, "data": data_desc, "layers": layers, "criterion": args.criterion,
+               "ranking": args.ranking, "seed": args.seed, "epochs_per_step": args.epochs,
+               "base_loss": base_loss, "base_accuracy": base_acc, "history": history}
+    with open(args.out / "history.json", "w") as fh:
+        json.dump(summary, fh, indent=2, allow_nan=False)
+        fh.write("\n")
+    lines = [f"model {model_desc}, layers {', '.join(layers)} ({total} weights), criterion {args.criterion} "
+             f"({args.ranking} ranking), {args.epochs} fine-tuning epochs per step",
+             data_desc, f"dense: loss {base_loss:.4f}, accuracy {100 * base_acc:.2f}%",
+             "step  sparsity  acc pruned  acc tuned  loss pruned  loss tuned"]
+    for h in history:
+        lines.append(f"{h['step']:>4}  {100 * h['sparsity']:7.2f}%  {100 * h['accuracy_pruned']:9.2f}%  "
+                     f"{100 * h['accuracy']:8.2f}%  {h['loss_pruned']:11.4f}  {h['loss']:10.4f}")
+    text = "\n".join(lines)
+    (args.out / "summary.txt").write_text(text + "\n")
+    print(text)
+    log(f"wrote {args.out / 'pruned.pt'} (plain state dict, pruned weights are zeros), history.json, summary.txt")
     return 0

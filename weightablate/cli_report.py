@@ -1,0 +1,259 @@
+"""The ``report`` and ``stats`` subcommands, and the report at the end of ``run``.
+
+    weightablate report weightablate-out --out report/          # a directory written by `run`
+    weightablate report shard0.npz shard1.npz --train train.npz --out report/
+    weightablate stats --layer fc1 --layer fc2 --out stats/     # digits MLP; same model/data options as run
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BY_CLASS_MAX = 1 << 25  # weights x classes for which `run` also splits delta_loss by class (256 MiB)
+
+
+def add_parsers(sub) -> None:
+    """Add ``report`` and ``stats`` to the ``weightablate`` subparsers."""
+    from .cli import _positive
+    from .reporting import BOOTSTRAP, MAX_POINTS
+
+    rep = sub.add_parser(
+        "report", help="figures, statistics and one HTML page from saved results",
+        description="Write PNG figures, a self-contained report.html and summary.json for ablation results: the "
+                    "distribution of the loss change, its relation to w, per-class effects and flips, train vs "
+                    "test, pruning criteria against the exact truth and activation statistics (the last two when "
+                    "the directory of `weightablate run` holds criteria.npz / activations.npz).")
+    rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                     help="result files (.npz from `run` or AblationResult.save; several = shards of one sweep, "
+                          "concatenated) or a directory written by `weightablate run`")
+    rep.add_argument("--train", action="append", type=Path, metavar="FILE",
+                     help="results of the same weights on train data; repeat for shards (default: "
+                          "results_train.npz of a directory)")
+    rep.add_argument("--out", type=Path, required=True, help="output directory")
+    rep.add_argument("--no-symlog", action="store_true", help="no symlog panel in the delta histogram")
+    rep.add_argument("--max-points", type=_positive, default=MAX_POINTS, metavar="N",
+                     help=f"scatter plots draw at most N points, a hexbin of all above (default {MAX_POINTS})")
+    rep.add_argument("--bootstrap", type=int, default=BOOTSTRAP, metavar="B",
+                     help=f"bootstrap replicates for train-vs-test intervals (default {BOOTSTRAP}, fewer for "
+                          "very many weights)")
+    rep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    rep.add_argument("--quiet", action="store_true", help="no status lines")
+    rep.set_defaults(func=cmd_report, parser=rep)
+
+    st = sub.add_parser(
+        "stats", help="pre-activation statistics of Linear/Conv2d layers",
+        description="Per unit of each layer: the fraction of samples whose pre-activation (the layer's output) is "
+                    "> 0, i.e. passes a ReLU, and median/std of the pre-activation; a figure of 64 units and the "
+                    "layer-wide distribution. Same model and data options as `run`.")
+    st.add_argument("--model", help="as for `run` (default: the digits MLP)")
+    st.add_argument("--checkpoint", type=Path, help="a state dict loaded into the model")
+    st.add_argument("--data", default="digits", help="'digits' (default) or an ImageFolder directory")
+    st.add_argument("--split", choices=("test", "train"), default="test", help="digits split (default test)")
+    st.add_argument("--layer", action="append", metavar="NAME",
+                    help="dotted name of an nn.Linear or nn.Conv2d; repeat for several (default: the layer `run` "
+                         "ablates)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the digits split/training (default 0)")
+    st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    st.add_argument("--image-size", type=_positive, default=224, metavar="S", help="ImageFolder image size")
+    st.add_argument("--batch-size", type=_positive, default=None, metavar="B", help="batch size")
+    st.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
+    st.add_argument("--out", type=Path, default=Path("weightablate-out"), help="output directory")
+    st.add_argument("--quiet", action="store_true", help="no status lines")
+    st.set_defaults(func=cmd_stats, parser=st, backend="auto")
+
+
+def _logger(args):
+    return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _inputs(paths: list[Path]):
+    """Result files, plus what a `run` directory holds: (results, train, criteria, activations, extra)."""
+    from .cli import CLIError
+
+    files, train, crit, acts, extra = [], [], None, None, {}
+    for p in paths:
+        if p.is_dir():
+            if not (p / "results.npz").is_file():
+                raise CLIError(f"RESULTS {str(p)!r}: a directory without results.npz (not written by `run`?)")
+            files.append(p / "results.npz")
+            if (p / "results_train.npz").is_file():
+                train.append(p / "results_train.npz")
+            if (p / "criteria.npz").is_file():
+                crit = p / "criteria.npz"
+            if (p / "activations.npz").is_file():
+                acts = p / "activations.npz"
+            if (p / "summary.json").is_file():
+                try:
+                    old = json.loads((p / "summary.json").read_text())
+                    extra = {k: old[k] for k in ("model", "data", "seed") if k in old}
+                except (OSError, ValueError):
+                    pass
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CLIError(f"RESULTS {str(p)!r}: no such file or directory")
+    return files, train, crit, acts, extra
+
+
+def _load_all(paths):
+    from .cli import CLIError
+    from .result import load
+
+    out = []
+    for p in paths:
+        try:
+            out.append(load(p))
+        except Exception as exc:  # not an .npz of a result
+            raise CLIError(f"{str(p)!r} is not a weightablate result: {exc}") from None
+    return out
+
+
+def cmd_report(args) -> int:
+    import numpy as np
+
+    from .activations import ActivationStats
+    from .cli import CLIError
+    from .reporting import concat, format_report, report
+    from .summary import format_summary, summarize
+
+    log = _logger(args)
+    files, train_files, crit_path, act_path, extra = _inputs(args.results)
+    if args.train:
+        train_files = list(args.train)
+        for p in train_files:
+            if not p.is_file():
+                raise CLIError(f"--train {str(p)!r}: no such file")
+    result = concat(_load_all(files))
+    train = concat(_load_all(train_files)) if train_files else None
+    criteria = None
+    if crit_path is not None and len(files) == 1:
+        with np.load(crit_path) as z:
+            idx = z["indices"]
+            if idx.shape == tuple(result.indices.shape) and np.array_equal(idx, result.indices.numpy()):
+                criteria = {k: z[k] for k in z.files if k != "indices"}
+    activations = ActivationStats.load(act_path) if act_path is not None and len(files) == 1 else None
+    summary = {**summarize(result, train), **extra}
+    d = report(result, args.out, train_result=train, criteria=criteria, activations=activations, summary=summary,
+               symlog=not args.no_symlog, max_points=args.max_points, bootstrap=args.bootstrap, seed=args.seed,
+               log=log)
+    text = format_summary(d)
+    extra_text = format_report(d)
+    print(text + ("\n" + extra_text if extra_text else ""))
+    log(f"wrote {args.out / 'report.html'}, {len(d['report']['figures'])} figures, summary.json")
+    return 0
+
+
+def report_after_run(args, summary: dict, result, train_result, model, layer: str, data, log) -> str:
+    """The report at the end of ``weightablate run``: criteria and activation statistics on ``data``
+    (the test split), figures and report.html into ``args.out``; merges into ``summary``; returns
+    the extra text lines for the terminal and summary.txt."""
+    from .reporting import format_report, report
+
+    batch_size = args.batch_size if isinstance(data, tuple) else None
+    log("report: pruning criteria, activation statistics, figures...")
+    d = report(result, args.out, model=model, layer=layer, data=data, train_result=train_result, summary=summary,
+               batch_size=batch_size, log=None)
+    summary.clear()
+    summary.update(d)
+    text = format_report(d)
+    return "\n" + text if text else ""
+
+
+def by_class_ok(n_weights: int, n_classes: int) -> bool:
+    """Whether `run` asks ablate for the per-class split (K x C float64 on the device)."""
+    return n_weights * n_classes <= BY_CLASS_MAX
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+def _model_and_data(args, log):
+    """The model and data of `run`'s options: (model, default layer, data, description)."""
+    from . import digits as dg
+    from .cli import CLIError, _device, build_model, default_layer, image_folder, load_checkpoint
+
+    on_digits = args.data == "digits"
+    if not on_digits:
+        path = Path(args.data)
+        if not path.is_dir():
+            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
+        if args.model is None:
+            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
+        folder = image_folder(path, args.image_size)
+        num_classes = len(folder.classes)
+    else:
+        num_classes = dg.N_CLASSES
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
+    device = _device(args)
+    if args.model is None:
+        model = dg.digits_mlp() if args.checkpoint is not None else dg.digits_model(args.seed, cache=True, log=log)
+        default = dg.DEFAULT_LAYER
+    else:
+        model = build_model(args.model, num_classes)
+        default = None
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(device).eval()
+    if default is None:
+        default = default_layer(model)
+    if on_digits:
+        X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)
+        X, y = (X_te, y_te) if args.split == "test" else (X_tr, y_tr)
+        dtype = next(model.parameters()).dtype
+        return model, default, (X.to(dtype), y), f"digits {args.split} split ({X.shape[0]} samples)"
+    loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size or 64, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    return model, default, loader, f"ImageFolder {args.data} ({len(folder)} images)"
+
+
+def cmd_stats(args) -> int:
+    from .activations import activation_stats
+    from .cli import CLIError
+    from .reporting import _png, _safe, fig_activation_pass, fig_activation_units
+    from .summary import to_json
+
+    log = _logger(args)
+    model, default, data, desc = _model_and_data(args, log)
+    layers = args.layer or [default]
+    for name in layers:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            raise CLIError(f"--layer {name!r} is not a module of the model; its Linear/Conv2d layers are: "
+                           f"{names}") from None
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise CLIError(f"--layer {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d")
+    args.out.mkdir(parents=True, exist_ok=True)
+    batch_size = args.batch_size if isinstance(data, tuple) else None
+    everything, lines = {"data": desc, "layers": {}}, [f"data: {desc}"]
+    for name in layers:
+        log(f"activation statistics of {name}...")
+        st = activation_stats(model, name, data, batch_size=batch_size)
+        safe = _safe(name)
+        (args.out / f"activations_{safe}_units.png").write_bytes(_png(fig_activation_units(st)))
+        fig, hists = fig_activation_pass(st)
+        (args.out / f"activations_{safe}_pass.png").write_bytes(_png(fig))
+        st.save(args.out / f"activations_{safe}.npz")
+        d = st.to_dict()
+        d["histograms"] = hists
+        everything["layers"][name] = d
+        s = st.summary()
+        pf = s["pass_fraction"]
+        lines.append(f"{name} ({s['kind']}, {s['n_units']} units, {s['n_values_per_unit']} values each): pass "
+                     f"fraction mean {pf['mean']:.3f}, median {pf['q50']:.3f}; "
+                     f"{s['frac_units_pass_le_25pct']:.0%} of the units pass 25% or less, {s['n_dead']} never, "
+                     f"{s['n_always_on']} always; median/std: median {s['median_over_std']['q50']:.3g}"
+                     + ("" if s["median_exact"] else f" (median over {s['median_rows']} rows)"))
+    with open(args.out / "activations.json", "w") as fh:
+        json.dump(to_json(everything), fh, indent=1, allow_nan=False)
+        fh.write("\n")
+    print("\n".join(lines))
+    log(f"wrote activations.json and the figures into {args.out}")
+    return 0
