@@ -27,7 +27,7 @@ FLIP_FLOPS_PER_CLASS = 3  # l + d v, compare
 @torch.no_grad()
 def count_flops(wl, weights) -> dict:
     from weightablate import _reference as ref
-    from weightablate import api, ops
+    from weightablate import api, closed_form, ops
     from weightablate.capture import capture
     from weightablate.plan import plan_head
     from weightablate.selection import select_weights
@@ -43,12 +43,12 @@ def count_flops(wl, weights) -> dict:
     if head.kind != "piecewise":
         return {}
     V = head.rows()  # (I, C) float64
-    slot = api._moment_slots(head, rows, I, "auto", torch.device("cpu"))
+    slot = closed_form._moment_slots(head, rows, I, "auto", torch.device("cpu"))
     M = int((slot >= 0).sum()) if slot is not None else 0
-    D = api.MOMENT_ORDER
+    D = closed_form.MOMENT_ORDER
     logits = cap.logits.double()
     probs = torch.softmax(logits, 1)
-    moments = api._moments(V, slot, probs) if M else None
+    moments = closed_form._moments(V, slot, probs) if M else None
     top2 = logits.topk(2, 1).values
     margin = top2[:, 0] - top2[:, 1]
     vmax, vmin = V.amax(1), V.amin(1)

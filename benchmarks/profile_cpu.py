@@ -1,4 +1,4 @@
-"""Where the time of the cpu path goes: wall-clock timers around the stages of ``api._closed_form``.
+"""Where the time of the cpu path goes: wall-clock timers around the stages of ``closed_form.ClosedForm``.
 
     .venv/bin/python benchmarks/profile_cpu.py [alexnet|digits] [--repeats 3] [--torch-profiler]
 
@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import weightablate as wa  # noqa: E402
-from weightablate import api, ops  # noqa: E402
+from weightablate import api, closed_form, ops  # noqa: E402
 from bench_workloads import WORKLOADS  # noqa: E402
 
 STAGES = {"select_weights": (api, "select_weights"), "check_model": (api, "_check_model"),
-          "plan_head": (api, "plan_head"), "capture": (api, "capture"), "moments": (api, "_moments"),
+          "plan_head": (closed_form, "plan_head"), "capture": (closed_form, "capture"), "moments": (closed_form, "_moments"),
           "pair_deltas": (ops, "pair_deltas"), "score_deltas": (ops, "score_deltas")}
 
 

@@ -5,24 +5,20 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .capture import capture
-from .data import batches, check_labels
+from .closed_form import ClosedForm
+from .data import batches
+from .memory import check_max_memory
 from .naive import naive_ablate
-from .plan import plan_head
-from .progress import bar
 from .result import AblationResult
 from .selection import select_weights
+from .sweep import sweep
 
 METRICS = ("loss", "kl", "flips")
 MODES = ("auto", "exact")
 PRECISIONS = ("model", "float64")
-MOMENT_ORDER = 6  # D: raw moments m_1..m_D per (sample, unit) on the moment path
-MOMENT_MIN_WEIGHTS = 2  # a unit gets moments when at least this many chosen weights share it
-CHUNK_BYTES = 256 << 20  # float64 (weights x samples) blocks per kernel call
 
 
 def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
@@ -71,7 +67,8 @@ def _check_options(metrics, mode, seed):
 
 def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, backend: str = "auto",
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
-           seed: int = 0, by_class: bool = False, progress: bool | None = None) -> AblationResult:
+           seed: int = 0, by_class: bool = False, max_memory: int | None = None,
+           progress: bool | None = None) -> AblationResult:
     """The exact effect of zeroing each chosen weight of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -100,6 +97,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         by_class: also return ``class_loss`` (K, C) float64, delta_loss split by the samples'
             label, from the same pass. Needs K * C * 8 bytes on the device (plus one chunk's
             worth again): 32 MiB for 4096 weights and 1000 classes; meant for subsets of weights.
+        max_memory: bytes of scratch the scoring may use at once (default 1 GiB): weights are
+            scored in chunks that fit. Results do not depend on it.
         progress: None = a bar on a terminal only; True/False force it.
 
     Returns:
@@ -123,6 +122,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     metrics = _check_options(metrics, mode, seed)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    max_memory = check_max_memory(max_memory)
     device = _check_model(model, device)
     n_out, n_in = target.weight.shape
     flat = select_weights(weights, (n_out, n_in), seed)
@@ -140,9 +140,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             method, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
-            out, n_samples, base_loss, base_acc, method, head_desc = _closed_form(
-                run, name, run.get_submodule(name), flat, stream, resolved, mode, "flips" in metrics, progress, data,
-                by_class)
+            scorer = ClosedForm(run, name, run.get_submodule(name), flat, resolved, mode, "flips" in metrics,
+                                by_class)
+            total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+            out, n_samples, base_loss, base_acc = sweep(scorer, stream, flat.numel(), by_class=by_class,
+                                                        max_memory=max_memory, progress=progress, total_batches=total)
+            method, head_desc = scorer.kind, scorer.description
     finally:
         for m, was_training in training.items():
             m.training = was_training
@@ -159,82 +162,3 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), method=method, head=head_desc, backend=resolved, mode=mode, precision=precision,
         seconds=time.perf_counter() - started)
-
-
-def _closed_form(model, name, target, flat, stream, backend, mode, want_flips, progress, data, by_class=False):
-    """Capture each batch once, then score every chosen weight on it with the two ops."""
-    n_out, n_in = target.weight.shape
-    device = target.weight.device
-    K = flat.numel()
-    rows, cols = (flat // n_in).to(device), (flat % n_in).to(device)
-    w = None
-    acc = [torch.zeros(K, dtype=torch.float64, device=device) for _ in range(2)]
-    acc += [torch.zeros(K, dtype=torch.int64, device=device) for _ in range(3)]
-    nonzero = torch.zeros(K, dtype=torch.bool, device=device)
-    head = head_rows = moment_slot = class_loss = None
-    n_total, ce_sum, correct, n_classes = 0, 0.0, 0, None
-    total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-    with bar(total, "ablation (batches)", progress) as pbar:
-        for x, y in stream:
-            cap = capture(model, target, name, x, trace=head is None)
-            if head is None:
-                # read after a forward: a pruning pre-hook recomputes the weight from its mask there
-                w = target.weight.detach().reshape(-1)[flat.to(device)]
-                n_classes = cap.logits.shape[1]
-                head = plan_head(cap.calls, name, n_out, n_classes, device)
-                head_rows = head.rows()
-                moment_slot = _moment_slots(head, rows, n_out, mode, device)
-                if by_class:
-                    class_loss = torch.zeros(K, n_classes, dtype=torch.float64, device=device)
-            if cap.logits.shape[1] != n_classes:
-                raise ValueError(f"model: {cap.logits.shape[1]} logits in one batch, {n_classes} in an earlier one")
-            check_labels(y, n_classes)
-            logits = cap.logits.double()
-            logp = F.log_softmax(logits, 1)
-            probs = logp.exp()
-            n_total += y.numel()
-            ce_sum -= logp.gather(1, y[:, None]).sum().item()
-            correct += int((logits.argmax(1) == y).sum())
-            a_t, z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
-            moments = _moments(head_rows, moment_slot, probs)
-            step = max(1, CHUNK_BYTES // (8 * 4 * y.numel()))
-            for s in range(0, K, step):
-                sl = slice(s, s + step)
-                d = head.deltas(backend, ops, a_t, z_t, rows[sl], cols[sl], w[sl])
-                res = ops.score_deltas(backend, d, rows[sl], head_rows, probs, logits, y, moments,
-                                       moment_slot if moments is not None else None, want_flips, by_class)
-                for a, r in zip(acc, res[:5]):
-                    a[sl] += r
-                nonzero[sl] |= res[5]
-                if by_class:
-                    class_loss[sl] += res[6]
-            pbar.update(1)
-    out = dict(zip(("delta_loss", "delta_kl", "flips", "new_errors", "new_correct"), (a.cpu() for a in acc)))
-    out["exact_zero"] = ~nonzero.cpu()
-    out["class_loss"] = class_loss.cpu() if by_class else None
-    return out, n_total, ce_sum / n_total, correct / n_total, head.kind, head.description
-
-
-def _moment_slots(head, rows, n_units, mode, device):
-    """(I,) int64: each unit's row in the moment tensor, -1 for units scored by the O(C) loop."""
-    if head.kind == "logits" or mode == "exact":
-        return None
-    counts = torch.bincount(rows, minlength=n_units)
-    use = counts >= MOMENT_MIN_WEIGHTS
-    if not use.any():
-        return None
-    slot = torch.full((n_units,), -1, dtype=torch.int64, device=device)
-    slot[use] = torch.arange(int(use.sum()), device=device)
-    return slot
-
-
-def _moments(head_rows, moment_slot, probs):
-    """(D, M, N) float64 raw moments sum_c p_nc v_c^k of the units with a slot: D matrix products."""
-    if moment_slot is None:
-        return None
-    v = head_rows[moment_slot >= 0]
-    vk, out = v, []
-    for _ in range(MOMENT_ORDER):
-        out.append(vk @ probs.t())
-        vk = vk * v
-    return torch.stack(out)

@@ -1,0 +1,85 @@
+"""The closed-form method (DESIGN.md): the target's change reaches the logits through one known
+direction per unit, so each (sample, weight) pair costs one scalar d and the two kernels."""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .capture import capture
+from .memory import chunk_size
+from .plan import plan_head
+
+MOMENT_ORDER = 6  # D: raw moments m_1..m_D per (sample, unit) on the moment path
+MOMENT_MIN_WEIGHTS = 2  # a unit gets moments when at least this many chosen weights share it
+SCRATCH_PER_PAIR = 32  # bytes per (weight, sample): d in float64 and the kernels' temporaries
+BUDGET_SHARE = 4  # the (weights x samples) blocks take a quarter of max_memory
+
+
+class ClosedForm:
+    """Scores a Linear target whose head plan_head reduces to a closed form."""
+
+    def __init__(self, model, name, target, flat, backend, mode, want_flips, by_class):
+        self.model, self.name, self.target = model, name, target
+        self.backend, self.mode, self.want_flips, self.by_class = backend, mode, want_flips, by_class
+        n_out, n_in = target.weight.shape
+        device = target.weight.device
+        self.flat = flat.to(device)
+        self.rows, self.cols = self.flat // n_in, self.flat % n_in
+        self.head = self.w = None
+
+    @property
+    def kind(self) -> str:
+        return self.head.kind
+
+    @property
+    def description(self) -> str:
+        return self.head.description
+
+    def prepare(self, x, y) -> torch.Tensor:
+        cap = capture(self.model, self.target, self.name, x, trace=self.head is None)
+        if self.head is None:
+            # read after a forward: a pruning pre-hook recomputes the weight from its mask there
+            self.w = self.target.weight.detach().reshape(-1)[self.flat]
+            n_out = self.target.weight.shape[0]
+            self.head = plan_head(cap.calls, self.name, n_out, cap.logits.shape[1], self.flat.device)
+            self.head_rows = self.head.rows()
+            self.moment_slot = _moment_slots(self.head, self.rows, n_out, self.mode, self.flat.device)
+        self.a_t, self.z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
+        self.moments = None
+        return cap.logits
+
+    def chunk_size(self, n: int, max_memory: int) -> int:
+        return chunk_size(SCRATCH_PER_PAIR * n, max_memory // BUDGET_SHARE)
+
+    def score(self, batch, sl: slice):
+        if self.moments is None and self.moment_slot is not None:
+            self.moments = _moments(self.head_rows, self.moment_slot, batch.probs)
+        d = self.head.deltas(self.backend, ops, self.a_t, self.z_t, self.rows[sl], self.cols[sl], self.w[sl])
+        return ops.score_deltas(self.backend, d, self.rows[sl], self.head_rows, batch.probs, batch.logits,
+                                batch.labels, self.moments, self.moment_slot if self.moments is not None else None,
+                                self.want_flips, self.by_class)
+
+
+def _moment_slots(head, rows, n_units, mode, device):
+    """(I,) int64: each unit's row in the moment tensor, -1 for units scored by the O(C) loop."""
+    if head.kind == "logits" or mode == "exact":
+        return None
+    counts = torch.bincount(rows, minlength=n_units)
+    use = counts >= MOMENT_MIN_WEIGHTS
+    if not use.any():
+        return None
+    slot = torch.full((n_units,), -1, dtype=torch.int64, device=device)
+    slot[use] = torch.arange(int(use.sum()), device=device)
+    return slot
+
+
+def _moments(head_rows, moment_slot, probs):
+    """(D, M, N) float64 raw moments sum_c p_nc v_c^k of the units with a slot: D matrix products."""
+    if moment_slot is None:
+        return None
+    v = head_rows[moment_slot >= 0]
+    vk, out = v, []
+    for _ in range(MOMENT_ORDER):
+        out.append(vk @ probs.t())
+        vk = vk * v
+    return torch.stack(out)
