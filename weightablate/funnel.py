@@ -108,7 +108,7 @@ class Funnel(Replay):
         delta = self.prop.run(d0, stop=self.final)
         if delta.idx is None or delta.t.shape[2] != 1:
             raise RuntimeError("funnel: the change did not stay in one channel (a bug: please report)")
-        d = delta.t[:, :, 0].contiguous()
+        d = delta.t[:, :, 0].double().contiguous()
         if self.moments is None and self.moment_slot is not None:
             self.moments = _moments(self.head_rows, self.moment_slot, batch.probs)
         return ops.score_deltas(self.backend, d, delta.idx, self.head_rows, batch.probs, batch.logits, batch.labels,

@@ -1,5 +1,10 @@
-"""Propagate the *change* of the target layer's output through the rest of the graph, in float64,
-for a chunk of K ablations at once (the replay and funnel methods).
+"""Propagate the *change* of the target layer's output through the rest of the graph for a chunk of
+K ablations at once (the replay and funnel methods).
+
+Linear maps, BatchNorm, ReLU and max-pool take the changes in the dtype of the captured values
+(float32 for a float32 model at precision="model", float64 at precision="float64"): each rounds
+relative to the change itself, never a large base value (no cancellation). Other element-wise
+maps, the generic path and the scoring of the logits' change run in float64.
 
 A change is a ``Delta``: either dense, ``t`` of shape (K, N, *node_shape[1:]), or confined to one
 block of ``B`` consecutive entries of the node's dim 1 (its channels or features) per ablation,
@@ -15,7 +20,8 @@ Exact forms, never the difference of two evaluations where one exists:
   MaxPool2d                               u[new argmax] - u[old argmax] + change[new argmax]
   add/sub/mul                             sums of changes; a*db + da*b + da*db for products
 Anything else (GELU, LayerNorm, softmax, unknown functions): f(base + change) - f(base) evaluated
-in float64 (a float64 copy of the module), which loses ~1e-16 of |f| to rounding.
+in float64 (a float64 copy of the module), which loses ~1e-16 of |f| to rounding: documented as
+the one place where two evaluations are subtracted, in float64.
 """
 from __future__ import annotations
 
@@ -76,9 +82,10 @@ def unmerge(t, k):
 def leaky_delta(u, t, slope):
     """leaky(u + t) - leaky(u), exact where both sides are on one piece."""
     up = u + t
-    both_on, both_off = (u > 0) & (up > 0), (u <= 0) & (up <= 0)
-    mixed = torch.where(up > 0, up, slope * up) - torch.where(u > 0, u, slope * u)
-    return torch.where(both_on, t, torch.where(both_off, slope * t, mixed))
+    on, on_p = u > 0, up > 0
+    if slope == 0.0:
+        return torch.where(on_p, torch.where(on, t, up), torch.where(on, -u, 0.0))
+    return torch.where(on_p, torch.where(on, t, up - slope * u), torch.where(on, slope * up - u, slope * t))
 
 
 def bn_gain(m: nn.Module, name: str) -> torch.Tensor:
@@ -92,8 +99,8 @@ def bn_gain(m: nn.Module, name: str) -> torch.Tensor:
 class Propagator:
     """Float64 replay of the nodes after the target, on changes, for one captured batch at a time."""
 
-    def __init__(self, graph, param: str):
-        self.g, self.param = graph, param
+    def __init__(self, graph, param: str, dtype=torch.float64):
+        self.g, self.param, self.dtype = graph, param, dtype
         self.mods = dict(graph.module.named_modules())
         self.target = self.mods[graph.target.target]
         self._w64, self._m64 = {}, {}
@@ -103,17 +110,19 @@ class Propagator:
     def set_batch(self, values: dict) -> None:
         self.values, self.b64, self.out64 = values, {}, {}
 
-    def base(self, node):
-        """The node's base value, float64 if floating."""
-        if node not in self.b64:
+    def base(self, node, dtype=None):
+        """The node's base value, in ``dtype`` (default: the propagation dtype) if floating."""
+        key = (node, dtype or self.dtype)
+        if key not in self.b64:
             v = self.values[node]
-            self.b64[node] = v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-        return self.b64[node]
+            floating = isinstance(v, torch.Tensor) and v.is_floating_point()
+            self.b64[key] = v.to(key[1]) if floating else v
+        return self.b64[key]
 
     def weight64(self, m: nn.Module) -> torch.Tensor:
         key = id(m)
         if key not in self._w64:
-            self._w64[key] = m.weight.detach().double()
+            self._w64[key] = m.weight.detach().to(self.dtype)
         return self._w64[key]
 
     def module64(self, name: str) -> nn.Module:
@@ -133,6 +142,7 @@ class Propagator:
         """The change of the target's output when entry ``flat[k]`` (of weight or bias, value
         ``vals[k]``, float64) is zeroed, for each k."""
         m, node = self.target, self.g.target
+        vals = vals.to(self.dtype)
         out = self.values[node]
         K, N = flat.numel(), out.shape[0]
         if self.param == "bias":
@@ -195,17 +205,18 @@ class Propagator:
         v = self.values[n]
         return v.shape[1] if v.dim() > 1 else 1
 
-    def block_base(self, x, d: Delta) -> torch.Tensor:
-        """The base value of ``x`` where ``d`` lives: (K, N, B, *rest) float64."""
-        u = self.base(x)
+    def block_base(self, x, d: Delta, dtype=None) -> torch.Tensor:
+        """The base value of ``x`` where ``d`` lives: (K, N, B, *rest)."""
+        u = self.base(x, dtype)
         if d.idx is None:
             return u.unsqueeze(0).expand(d.k, *u.shape)
         B = d.t.shape[2]
         return u.reshape(u.shape[0], d.size // B, B, *u.shape[2:])[:, d.idx].transpose(0, 1)
 
     def elementwise(self, x, d: Delta, fn) -> Delta:
-        u = self.block_base(x, d)
-        return Delta(fn(u + d.t) - fn(u), d.idx, d.size)
+        """f(u + t) - f(u) in float64 where the change lives (it stays there)."""
+        u = self.block_base(x, d, torch.float64)
+        return Delta((fn(u + d.t.double()) - fn(u)).to(self.dtype), d.idx, d.size)
 
     def module_delta(self, m, n, x, d: Delta):
         if isinstance(m, IDENTITY):
@@ -240,8 +251,8 @@ class Propagator:
             if f in RELU_FUNCS and first:
                 return Delta(leaky_delta(self.block_base(x, env[x]), env[x].t, 0.0), env[x].idx, env[x].size)
             if f in ELEMENTWISE_FUNCS and first:
-                rest = [self._const(a) for a in args[1:] if not isinstance(a, bool)]  # drop inplace=True
-                kw = {k: self._const(v) for k, v in n.kwargs.items() if k != "inplace"}
+                rest = [self._const(a, torch.float64) for a in args[1:] if not isinstance(a, bool)]  # no inplace
+                kw = {k: self._const(v, torch.float64) for k, v in n.kwargs.items() if k != "inplace"}
                 return self.elementwise(x, env[x], lambda u: f(u, *rest, **kw))
             if f in POOL_FUNCS and first:
                 d = env[x]
@@ -274,8 +285,8 @@ class Propagator:
             return self.mean(n, env[x])
         return None
 
-    def _const(self, a):
-        return self.base(a) if isinstance(a, fx.Node) else a
+    def _const(self, a, dtype=None):
+        return self.base(a, dtype) if isinstance(a, fx.Node) else a
 
     # --- linear maps -------------------------------------------------------------------------
     def linear(self, d: Delta, W: torch.Tensor, n) -> Delta:
@@ -412,19 +423,20 @@ class Propagator:
     def generic(self, n, env) -> Delta:
         """f(base + change) - f(base) in float64, the K ablations stacked along the batch axis."""
         K = next(env[a].k for a in n.all_input_nodes if a in env)
+        f64 = torch.float64
 
         def new(a):
             if isinstance(a, fx.Node):
-                v = self.base(a)
+                v = self.base(a, f64)
                 if a in env:
-                    return merge(v.unsqueeze(0) + env[a].dense())
+                    return merge(v.unsqueeze(0) + env[a].dense().double())
                 if a in self.g.batched and isinstance(v, torch.Tensor) and v.dim() > 0:
                     return merge(v.unsqueeze(0).expand(K, *v.shape))
                 return v
             return a
 
         def old(a):
-            v = self.base(a) if isinstance(a, fx.Node) else a
+            v = self.base(a, f64) if isinstance(a, fx.Node) else a
             return v.clone() if isinstance(v, torch.Tensor) else v  # an in-place op must not touch the cache
 
         out = self._call(n, fx.node.map_aggregate(n.args, new), fx.node.map_aggregate(n.kwargs, new))
@@ -434,7 +446,7 @@ class Propagator:
         if not isinstance(out, torch.Tensor) or out.shape[0] != K * base.shape[0]:
             raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}) does not keep the batch as its "
                              "first axis, so the ablations cannot be stacked along it")
-        return Delta(unmerge(out, K) - base.unsqueeze(0), None, self.size_of(n))
+        return Delta((unmerge(out, K) - base.unsqueeze(0)).to(self.dtype), None, self.size_of(n))
 
     def _call(self, n, args, kwargs):
         if n.op == "call_module":
@@ -451,6 +463,7 @@ def _name(target) -> str:
 def _scale(d: Delta, gain: torch.Tensor) -> Delta:
     """Multiply a change by a per-channel gain (dim 1 of the node)."""
     extra = d.t.dim() - 3
+    gain = gain.to(d.t.dtype)
     if d.idx is None:
         return Delta(d.t * gain.view(1, 1, -1, *[1] * extra), None, d.size)
     B = d.t.shape[2]

@@ -1,6 +1,6 @@
 """The replay method: exact for any traceable tail. Per batch, one forward keeps every value the
 nodes after the target need; per chunk of ablations, only the nodes that depend on the target's
-output run, on the changes, in float64 (weightablate.propagate); the logits' change is scored
+output run, on the changes (weightablate.propagate); the logits' change is scored in float64
 without subtracting two losses."""
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class Replay:
         self.graph, self.target, self.param = graph, target, param
         self.flat = flat.to(getattr(target, param).device)
         self.want_flips, self.by_class = want_flips, by_class
-        self.prop = Propagator(graph, param)
+        # the changes propagate in the captured values' dtype (float32 or float64), see propagate.py
+        self.prop = Propagator(graph, param, torch.promote_types(getattr(target, param).dtype, torch.float32))
         self.vals = None
         self.per_sample = 1
         self.why = why
@@ -39,7 +40,7 @@ class Replay:
     @property
     def description(self) -> str:
         n = len(self.graph.dependent) - 1
-        return f"replay of the {n} graph nodes after {self.graph.target.target!r} in float64" + self.why
+        return f"replay of the {n} graph nodes after {self.graph.target.target!r} on the changes" + self.why
 
     def _prepare(self, x) -> torch.Tensor:
         values = capture_values(self.graph, x)
@@ -47,7 +48,7 @@ class Replay:
         self.prop.set_batch(values)
         if self.vals is None:
             self.vals = param_values(self.target, self.param, self.flat)
-        self.per_sample = max(self.per_sample, max_numel(values, self.graph.needed))
+        self.per_sample = max(self.per_sample, max_numel(values, self.graph.dependent))
         return logits
 
     def prepare(self, x, y) -> torch.Tensor:
@@ -58,7 +59,7 @@ class Replay:
 
     def score(self, batch, sl: slice):
         d0 = self.prop.target_delta(self.flat[sl], self.vals[sl])
-        dl = self.prop.run(d0)
+        dl = self.prop.run(d0).double()
         return score_logit_deltas(dl, batch, self.want_flips, self.by_class)
 
 
