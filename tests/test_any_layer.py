@@ -286,3 +286,46 @@ def test_untraceable_model_names_the_construct():
     X, y = torch.randn(2, 3, 6, 6), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"torch\.fx cannot trace.*if h\.sum\(\) > 0"):
         wa.ablate(DataDependent(), "conv", (X, y))
+
+
+class Moves(nn.Module):
+    """Permute, transpose, (un)squeeze, slicing, reshape and cat after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4 + 4 * 2 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c(x))
+        a = h.permute(0, 2, 3, 1).transpose(1, 2).unsqueeze(1).squeeze(1)
+        return self.fc(torch.cat([a.reshape(x.shape[0], -1), h[:, :, ::2].flatten(1)], 1))
+
+
+def test_data_movement_maps_the_change_itself(monkeypatch):
+    """Ops that only move values take the change through as is, not f(base + change) - f(base)."""
+    from weightablate import propagate
+
+    calls = []
+    real = propagate.Propagator.generic
+    monkeypatch.setattr(propagate.Propagator, "generic", lambda self, n, env: calls.append(n.name) or real(self, n, env))
+    torch.manual_seed(0)
+    model = Moves().eval()
+    X, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    idx = torch.arange(model.c.weight.numel())
+    r = wa.ablate(model, "c", (X, y), idx, precision="float64", progress=False)
+    ref = oracle(model, "c", X, y, idx)
+    assert r.method == "replay" and calls == []
+    ok, rel = close(r, ref, 1e-9)
+    assert ok, rel.max()
+    assert torch.equal(r.flips, ref["flips"])
+
+
+@pytest.mark.parametrize("name,layer", [("funnel_net", "conv"), ("grouped", "c2")])
+def test_by_class_rows_sum_to_delta_loss(name, layer):
+    model, (X, y) = get_model(name)
+    r = wa.ablate(model, layer, (X, y), 10, by_class=True, progress=False)
+    assert r.class_loss.shape == (10, model.fc.out_features)
+    assert torch.allclose(r.class_loss.sum(1), r.delta_loss, rtol=1e-12, atol=1e-18)
+    for c in range(r.class_loss.shape[1]):  # classes without samples get nothing
+        if not (y == c).any():
+            assert (r.class_loss[:, c] == 0).all()

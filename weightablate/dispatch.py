@@ -33,7 +33,10 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
             reasons.append(f"closed form: {exc}")
     else:
         reasons.append(f"closed form: needs an nn.Linear target, not {type(target).__name__}")
-    graph = trace(model, name)
+    try:
+        graph = trace(model, name)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{_why(reasons)}") from None
     values = capture_values(graph, x)
     a = values[graph.target.args[0]] if graph.target.args else None
     if isinstance(target, nn.Linear) and (not isinstance(a, torch.Tensor) or a.dim() != 2):

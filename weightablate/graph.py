@@ -29,9 +29,8 @@ def _is_static(node: fx.Node, static: set) -> bool:
 
 def _where(exc: BaseException) -> str:
     """The last frame of the user's code in an exception's traceback: 'file:line: code'."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
-              and "weightablate" not in f.filename]
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's and this package's frames
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
     if not frames:
         return ""
     f = frames[-1]

@@ -265,6 +265,9 @@ class Propagator:
             if f in MUL and len(args) == 2 and not n.kwargs:
                 return self.mul(n, args, env)
             if f is torch.cat:
+                dim = n.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+                return None if dim % self.values[n].dim() == 0 else self.linear_fn(n, env)
+            if f is operator.getitem and first and _keeps_batch_index(args[1]):
                 return self.linear_fn(n, env)
             return None
         name = n.target
@@ -283,6 +286,8 @@ class Propagator:
             return self.mul(n, args, env)
         if name == "mean" and first:
             return self.mean(n, env[x])
+        if name in MOVE_METHODS and first and _keeps_batch_axis(n, self.values[x].dim()):
+            return self.linear_fn(n, env)
         return None
 
     def _const(self, a, dtype=None):
@@ -384,7 +389,8 @@ class Propagator:
         return Delta(d.dense() * self.base(other), None, self.size_of(n))
 
     def linear_fn(self, n, env):
-        """A function linear in its tensor inputs (cat): apply it to the changes, zeros elsewhere."""
+        """A function linear in its tensor inputs that keeps the batch axis first (cat, slicing,
+        permute, ...): apply it to the changes, zeros for the other batch tensors."""
         K = next(env[a].k for a in n.all_input_nodes if a in env)
 
         def conv(a):
@@ -397,12 +403,13 @@ class Propagator:
                 return v
             return a
 
-        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-        if dim % self.values[n].dim() == 0:
-            return None
         args = fx.node.map_aggregate(n.args, conv)
         kwargs = fx.node.map_aggregate(n.kwargs, conv)
-        return Delta(unmerge(n.target(*args, **kwargs), K), None, self.size_of(n))
+        out = self._call(n, args, kwargs)
+        base = self.values[n]
+        if not isinstance(out, torch.Tensor) or out.shape != (K * base.shape[0], *base.shape[1:]):
+            return None
+        return Delta(unmerge(out, K), None, self.size_of(n))
 
     def maxpool(self, m: nn.MaxPool2d, x, d: Delta) -> Delta:
         u = merge(self.block_base(x, d))
@@ -454,6 +461,27 @@ class Propagator:
         if n.op == "call_function":
             return n.target(*args, **kwargs)
         return getattr(args[0], n.target)(*args[1:], **kwargs)
+
+
+MOVE_METHODS = {"permute", "transpose", "unsqueeze", "squeeze"}
+
+
+def _keeps_batch_index(index) -> bool:
+    """An index that takes the whole batch axis: x[:, ...]."""
+    first = index[0] if isinstance(index, tuple) and index else index
+    return isinstance(first, slice) and first == slice(None)
+
+
+def _keeps_batch_axis(n, ndim: int) -> bool:
+    """permute/transpose/unsqueeze/squeeze calls that leave the batch axis first."""
+    dims = [a for a in n.args[1:]] + list(n.kwargs.values())
+    if n.target == "permute":
+        order = dims[0] if dims and isinstance(dims[0], (list, tuple)) else dims
+        return bool(order) and isinstance(order[0], int) and order[0] % ndim == 0
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return False
+    size = ndim + 1 if n.target == "unsqueeze" else ndim
+    return all(d % size != 0 for d in dims)
 
 
 def _name(target) -> str:
