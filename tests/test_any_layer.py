@@ -329,3 +329,22 @@ def test_by_class_rows_sum_to_delta_loss(name, layer):
     for c in range(r.class_loss.shape[1]):  # classes without samples get nothing
         if not (y == c).any():
             assert (r.class_loss[:, c] == 0).all()
+
+
+def test_forced_methods_agree_and_refuse_clearly():
+    """method= forces one path: funnel and replay give the same numbers where both apply."""
+    model, (X, y) = get_model("funnel_net")
+    idx = _pick(model.conv, "weight", 20, seed=5)
+    runs = {m: wa.ablate(model, "conv", (X, y), idx, method=m, precision="float64", progress=False)
+            for m in ("funnel", "replay")}
+    assert runs["funnel"].method == "funnel" and runs["replay"].method == "replay"
+    assert torch.allclose(runs["funnel"].delta_loss, runs["replay"].delta_loss, rtol=1e-9, atol=1e-300)
+    assert torch.allclose(runs["funnel"].delta_kl, runs["replay"].delta_kl, rtol=1e-6, atol=1e-300)
+    assert torch.equal(runs["funnel"].flips, runs["replay"].flips)
+    with pytest.raises(ValueError, match=r"Conv2d: method='closed_form' needs an nn.Linear"):
+        wa.ablate(model, "conv", (X, y), 2, method="closed_form")
+    small, (Xg, yg) = get_model("grouped")
+    with pytest.raises(ValueError, match=r"method='funnel' does not apply to layer 'c2'"):
+        wa.ablate(small, "c2", (Xg, yg), 2, method="funnel")
+    with pytest.raises(ValueError, match=r"method must be one of"):
+        wa.ablate(small, "c2", (Xg, yg), 2, method="fast")

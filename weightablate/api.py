@@ -10,7 +10,7 @@ from torch import nn
 
 from . import ops
 from .data import batches
-from .dispatch import choose_method
+from .dispatch import METHODS, choose_method
 from .memory import check_max_memory
 from .naive import naive_ablate
 from .result import AblationResult
@@ -72,7 +72,7 @@ def _check_options(metrics, mode, seed):
 def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, backend: str = "auto",
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
-           progress: bool | None = None, param: str = "weight") -> AblationResult:
+           progress: bool | None = None, param: str = "weight", method: str = "auto") -> AblationResult:
     """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -108,6 +108,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             scored in chunks that fit. Results do not depend on it.
         progress: None = a bar on a terminal only; True/False force it.
         param: "weight" or "bias": which parameter of ``layer`` the indices refer to.
+        method: "auto" (the fastest that fits, below) or one of "closed_form", "funnel", "replay" to
+            force it (a ValueError says why when it does not apply). Ignored by backend="naive".
 
     Methods (``res.method``), the fastest exact one that fits is chosen (weightablate.dispatch):
     the closed forms of DESIGN.md ("logits", "piecewise", "elementwise") for a Linear followed by
@@ -139,6 +141,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         if weights != "bias":
             raise TypeError(f"weights: the only string accepted is 'bias' (every bias entry), got {weights!r}")
         weights, param = None, "bias"
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
     if param == "bias" and target.bias is None:
@@ -170,7 +174,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             first = next(stream)
             stream = itertools.chain([first], stream)
             scorer = choose_method(run, name, run.get_submodule(name), param, flat, first[0], resolved, mode,
-                                   "flips" in metrics, by_class)
+                                   "flips" in metrics, by_class, method)
             total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
             out, n_samples, base_loss, base_acc = sweep(scorer, stream, flat.numel(), by_class=by_class,
                                                         max_memory=max_memory, progress=progress, total_batches=total)

@@ -17,22 +17,31 @@ from .replay import Replay
 PLAN_SAMPLES = 2  # samples of the first batch used to look at the model
 
 
+METHODS = ("auto", "closed_form", "funnel", "replay")
+
+
 def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, flat: torch.Tensor,
-                  first_x: torch.Tensor, backend: str, mode: str, want_flips: bool, by_class: bool):
-    """The method object for sweep(); ``first_x`` is the first batch's inputs (a few samples are run)."""
+                  first_x: torch.Tensor, backend: str, mode: str, want_flips: bool, by_class: bool,
+                  method: str = "auto"):
+    """The method object for sweep(); ``first_x`` is the first batch's inputs (a few samples are run).
+    ``method`` other than "auto" forces one method, and raises ValueError saying why when it does not apply."""
     x = first_x[:PLAN_SAMPLES]
     reasons = []
-    if isinstance(target, nn.Linear):
-        try:
-            cap = capture(model, target, name, x, trace=True)
-            plan_head(cap.calls, name, target.out_features, cap.logits.shape[1], target.weight.device)
-            return ClosedForm(model, name, target, flat, backend, mode, want_flips, by_class, param)
-        except ValueError as exc:
-            if "more than once" in str(exc) or "did not run" in str(exc):
-                raise
-            reasons.append(f"closed form: {exc}")
-    else:
-        reasons.append(f"closed form: needs an nn.Linear target, not {type(target).__name__}")
+    if method in ("auto", "closed_form"):
+        if isinstance(target, nn.Linear):
+            try:
+                cap = capture(model, target, name, x, trace=True)
+                plan_head(cap.calls, name, target.out_features, cap.logits.shape[1], target.weight.device)
+                return ClosedForm(model, name, target, flat, backend, mode, want_flips, by_class, param)
+            except ValueError as exc:
+                if method == "closed_form" or "more than once" in str(exc) or "did not run" in str(exc):
+                    raise
+                reasons.append(f"closed form: {exc}")
+        elif method == "closed_form":
+            raise ValueError(f"layer {name!r} is a {type(target).__name__}: method='closed_form' needs an nn.Linear "
+                             "target (only torch.nn.Linear layers have a closed form)")
+        else:
+            reasons.append(f"closed form: needs an nn.Linear target, not {type(target).__name__}")
     try:
         graph = trace(model, name)
     except ValueError as exc:
@@ -43,7 +52,9 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
         shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
         raise ValueError(f"layer {name!r}: input of shape {shape}; only (N, features) inputs to a Linear target "
                          "are supported")
-    final, why = funnel_plan(graph, values)
+    final, why = funnel_plan(graph, values) if method in ("auto", "funnel") else (None, "method='replay'")
+    if method == "funnel" and final is None:
+        raise ValueError(f"method='funnel' does not apply to layer {name!r}: {why}")
     if final is not None:
         return Funnel(graph, final, target, param, flat, backend, mode, want_flips, by_class, _why(reasons))
     reasons.append(f"funnel: {why}")

@@ -179,7 +179,7 @@ def _exact_scores(model, name, data, unpruned, ablate_kwargs):
             return out.reshape(weight.shape)
         if idx.numel() == weight.numel():
             idx = None
-    kwargs = {"progress": False, **ablate_kwargs}
+    kwargs = {"progress": False, "method": "closed_form", **ablate_kwargs}  # fast whole-layer scoring only
     try:
         res = ablate(model, name, data, weights=idx, metrics=("loss",), **kwargs)
     except (ValueError, TypeError) as exc:
@@ -241,7 +241,8 @@ def scorable_layers(model: nn.Module, data) -> list[str]:
         if not isinstance(module, nn.Linear) or is_pruned(module):
             continue
         try:
-            ablate(model, name, batch, weights=torch.tensor([0]), metrics=("loss",), progress=False)
+            ablate(model, name, batch, weights=torch.tensor([0]), metrics=("loss",), progress=False,
+                   method="closed_form")
         except (ValueError, TypeError):
             continue
         names.append(name)
