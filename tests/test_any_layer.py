@@ -348,3 +348,33 @@ def test_forced_methods_agree_and_refuse_clearly():
         wa.ablate(small, "c2", (Xg, yg), 2, method="funnel")
     with pytest.raises(ValueError, match=r"method must be one of"):
         wa.ablate(small, "c2", (Xg, yg), 2, method="fast")
+
+
+class MeanHead(nn.Module):
+    """Global average pooling written as a mean: over the spatial axes (a funnel) or over channels (not)."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.c, self.fc, self.which = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3), which
+
+    def forward(self, x):
+        h = F.relu(self.c(x))
+        if self.which == "torch.mean":
+            return self.fc(torch.mean(h, (2, 3)))
+        if self.which == "method":
+            return self.fc(h.mean(dim=[-1, -2]))
+        return self.fc(h.mean(1).mean((1, 2))[:, None].expand(-1, 4).contiguous())
+
+
+@pytest.mark.parametrize("which,method", [("torch.mean", "funnel"), ("method", "funnel"), ("channels", "replay")])
+def test_mean_pooling(which, method):
+    torch.manual_seed(0)
+    model = MeanHead(which).eval()
+    X, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    idx = torch.arange(model.c.weight.numel())
+    r = wa.ablate(model, "c", (X, y), idx, precision="float64", progress=False)
+    ref = oracle(model, "c", X, y, idx)
+    assert r.method == method, r.head
+    ok, rel = close(r, ref, 1e-9)
+    assert ok, rel.max()
+    assert torch.equal(r.flips, ref["flips"])

@@ -5,7 +5,6 @@ of the final Linear: one float64 scalar d per (ablation, sample), then the close
 kernels (ops.score_deltas)."""
 from __future__ import annotations
 
-import operator
 from types import SimpleNamespace
 
 import torch
@@ -38,7 +37,7 @@ def _per_channel(n, mods, dependent) -> str | None:
         f = n.target
         if f in RELU_FUNCS or f in ELEMENTWISE_FUNCS or f in POOL_FUNCS or f in FLATTEN_FUNCS:
             return None
-        if f in ADD or f in SUB or f is operator.add:
+        if f in ADD or f in SUB or f is torch.mean:
             return None
         return f"function {getattr(f, '__name__', f)} after the target"
     if n.op == "call_method":
@@ -61,6 +60,11 @@ def funnel_plan(graph, values: dict) -> tuple[object, str | None]:
     dependent = set(graph.dependent)
     for n in graph.dependent[1:-1]:
         why = _per_channel(n, mods, dependent)
+        if why is None and n.target in ("mean", torch.mean):
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            dims = [dims] if isinstance(dims, int) else list(dims or [1])
+            if any(d % values[n.args[0]].dim() in (0, 1) for d in dims):
+                why = f"node {n.name!r} averages over channels"
         if why is not None:
             return None, why
     n_out = values[graph.target].shape[1]

@@ -258,6 +258,8 @@ class Propagator:
                 d = env[x]
                 rest = [self._const(a) for a in args[1:]]
                 return Delta(unmerge(f(merge(d.t), *rest, **n.kwargs), d.k), d.idx, d.size)
+            if f is torch.mean and first:
+                return self.mean(n, env[x])
             if f in FLATTEN_FUNCS and first:
                 return self.flatten(x, n, env[x])
             if (f in ADD or f in SUB) and len(args) == 2 and not n.kwargs:
