@@ -116,8 +116,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     element-wise maps and the final Linear; "funnel" for a layer whose changed channel reaches the
     final Linear through per-channel maps, a residual add and global average pooling (ResNet's last
     conv); "replay" for anything torch.fx can trace: the nodes that depend on the layer run again
-    on the *changes* of their inputs, in float64, for a chunk of ablations at a time (chunks sized
-    by ``max_memory``); ``res.head`` says why a faster method did not apply.
+    on the *changes* of their inputs for a chunk of ablations at a time (chunks sized by
+    ``max_memory``): Linear/Conv/ReLU/max-pool/BatchNorm in the captured dtype with exact forms,
+    other maps and the scoring in float64 (weightablate/propagate.py); ``res.head`` says why a
+    faster method did not apply. The funnel and replay are tested against the float64 naive loop
+    to 1e-5 relative (precision="float64") and within the bound below (precision="model").
 
     Returns:
         AblationResult with per-weight float64 ``delta_loss`` (summed CE change), ``delta_kl``,
@@ -167,7 +170,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
         if resolved == "naive":
             out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class, param)
-            method, head_desc = "naive", "zero, evaluate, restore"
+            kind, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             stream = iter(stream)
@@ -178,7 +181,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
             out, n_samples, base_loss, base_acc = sweep(scorer, stream, flat.numel(), by_class=by_class,
                                                         max_memory=max_memory, progress=progress, total_batches=total)
-            method, head_desc = scorer.kind, scorer.description
+            kind, head_desc = scorer.kind, scorer.description
     finally:
         for m, was_training in training.items():
             m.training = was_training
@@ -193,6 +196,6 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
-        layer_shape=(n_out, n_in), param=param, method=method, head=head_desc, backend=resolved, mode=mode,
+        layer_shape=(n_out, n_in), param=param, method=kind, head=head_desc, backend=resolved, mode=mode,
         precision=precision,
         seconds=time.perf_counter() - started)
