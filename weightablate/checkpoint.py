@@ -85,10 +85,7 @@ class Checkpoint:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".{name}.probe-{os.getpid()}"
-            with open(probe, "wb") as fh:
-                fh.write(b"x")
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(probe, [b"x"])
             probe.unlink()
         except OSError as exc:
             raise CheckpointError(f"checkpoint_dir {str(self.dir)!r} is not a writable directory: {exc}") from exc
@@ -144,11 +141,7 @@ class Checkpoint:
         payload = buf.getvalue()
         tmp = self.dir / f".{self.path.name}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n")
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(tmp, [MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n", payload])
             os.replace(tmp, self.path)
             _fsync_dir(self.dir)
         except OSError as exc:
@@ -159,6 +152,15 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {str(self.path)!r}: cannot write ({exc}); the previous checkpoint, "
                                   "if any, is kept") from exc
         self._last = time.monotonic()
+
+
+def _write_synced(path: Path, parts) -> None:
+    """Write ``parts`` to a new file and fsync it (a full disk raises OSError here)."""
+    with open(path, "wb") as fh:
+        for part in parts:
+            fh.write(part)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -4,9 +4,13 @@ Each rank sweeps the whole dataset for its share of the weights, then every rank
 share (all_gather), so all ranks return the full result. Shares are whole rows (units) of the
 layer: what a method decides per unit (e.g. the moment path of a unit shared by several chosen
 weights) is then the same as in a single process, and every weight's sums are added in the same
-order, so the result equals a one-process run (bit-identical in practice, float64 rounding at most).
+order; the result equals a one-process run to float64 rounding (a matrix product over fewer
+units may round differently in the last bit; counts and exact zeros are identical).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -24,11 +28,36 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1) unless one
+    is already initialised: nccl for CUDA, gloo for the CPU. Returns True when it initialised
+    the group (the caller then destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. to fill a cache), the other ranks after it."""
+    rank, size = world()
+    if size > 1 and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if size > 1 and rank == 0:
+            dist.barrier()
+
+
 def partition(flat: torch.Tensor, row_size: int, parts: int) -> list[torch.Tensor]:
     """Positions into ``flat`` (int64, in their original order) for each of ``parts`` ranks.
 
-    Weights of the same row (flat // row_size) go to the same rank; rows are dealt out in order
-    of first appearance so that each rank gets about K / parts weights."""
+    Weights of the same row (flat // row_size) go to the same rank; the rows, in increasing
+    order, are cut into ``parts`` runs of about K / parts weights each."""
     rows = flat.cpu() // row_size
     uniq, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
     # rank of each distinct row: cut the cumulative count of weights into `parts` equal spans
