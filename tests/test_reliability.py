@@ -307,3 +307,28 @@ def test_checkpoint_every_is_checked(tmp_path):
     model, X, y, args = small(tmp_path, checkpoint_every=-1)
     with pytest.raises(ValueError, match="checkpoint_every"):
         wa.ablate(model, "0", (X, y), **args)
+
+
+def test_cli_checkpoint_dir_max_memory_and_quiet(tmp_path, monkeypatch, capsys):
+    from weightablate import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--max-memory", "a lot"])
+    assert info.value.code == 2 and "max_memory" in capsys.readouterr().err
+    args = ["run", "--quiet", "--no-report", "--weights", "200", "--max-memory", "64KiB",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "0"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: no bars, no status lines
+    assert sorted(os.listdir(tmp_path / "ck")) == ["test", "train"]
+    assert cli.main(args + ["--out", str(tmp_path / "b")]) == 0  # resumes both completed checkpoints
+    plain = ["run", "--quiet", "--no-report", "--weights", "200", "--out", str(tmp_path / "c")]
+    assert cli.main(plain) == 0
+    for f in ("results.npz", "results_train.npz"):
+        a, b, c = (wa.load(tmp_path / d / f) for d in "abc")
+        same(a, b)
+        same(a, c)
+    other = [a if a != "200" else "150" for a in args]  # another weight set: the checkpoint is refused, exit 1
+    assert cli.main(other + ["--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "different run" in err and "weights" in err
