@@ -272,6 +272,7 @@ def test_half_precision_model_runs_as_float32(dtype):
     assert (err <= 1e-5 * ref["delta_loss"].abs() + 1e-4 * ref["abs_sum"]).all()
     assert torch.equal(r.flips, ref["flips"])
     assert r.weight.dtype == torch.float32
+    assert "float32" in r.extra["computed_in"]
     assert torch.equal(r.weight, model[0].weight.detach().reshape(-1)[idx].float())
     with pytest.raises(TypeError, match="inputs are torch.float32"), pytest.warns(UserWarning):
         wa.ablate(model, "0", (X.float(), y))

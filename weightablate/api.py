@@ -207,4 +207,6 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), method=method, head=head_desc, backend=resolved, mode=mode, precision=precision,
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started,
+        extra={"computed_in": f"float32 (a float32 copy of the {target.weight.dtype} model)"}
+        if target.weight.dtype in HALF and precision == "model" else {})
