@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
+from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
 from .closed_form import ClosedForm
 from .data import batches
 from .memory import check_max_memory
@@ -19,6 +21,7 @@ from .sweep import sweep
 METRICS = ("loss", "kl", "flips")
 MODES = ("auto", "exact")
 PRECISIONS = ("model", "float64")
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
@@ -53,6 +56,12 @@ def _check_model(model: nn.Module, device) -> torch.device:
     return model_device
 
 
+def _original_values(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The chosen weights' values (float32 for a half-precision layer: npz has no bfloat16)."""
+    values = weight.detach().reshape(-1)[flat.to(weight.device)].cpu().clone()
+    return values.float() if values.dtype in HALF else values
+
+
 def _check_options(metrics, mode, seed):
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
@@ -68,7 +77,7 @@ def _check_options(metrics, mode, seed):
 def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, backend: str = "auto",
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
-           progress: bool | None = None) -> AblationResult:
+           progress: bool | None = None, checkpoint_dir=None, checkpoint_every: float = 60.0) -> AblationResult:
     """The exact effect of zeroing each chosen weight of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -97,9 +106,25 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         by_class: also return ``class_loss`` (K, C) float64, delta_loss split by the samples'
             label, from the same pass. Needs K * C * 8 bytes on the device (plus one chunk's
             worth again): 32 MiB for 4096 weights and 1000 classes; meant for subsets of weights.
-        max_memory: bytes of scratch the scoring may use at once (default 1 GiB): weights are
-            scored in chunks that fit. Results do not depend on it.
-        progress: None = a bar on a terminal only; True/False force it.
+        max_memory: bytes of scratch the scoring may use at once (default 1 GiB), an int or a
+            string like "2GiB": weights are scored in chunks that fit. Data is streamed batch by
+            batch (capture, then scoring), so memory does not grow with the dataset's length:
+            only one batch, its captures and one chunk of scratch are held at a time.
+        progress: None = a bar when stdout and stderr are terminals; True/False force it.
+        checkpoint_dir: a directory where the running sums are saved (atomically, with checksums
+            and fingerprints of the model, layer, weights, options and data) after completed
+            batches. Rerunning the same call after an interruption (even kill -9) resumes and
+            gives a bit-identical result; a checkpoint from a different model, layer, data,
+            weight set or options is refused with a CheckpointError (a ValueError).
+        checkpoint_every: seconds between two checkpoint saves (default 60; 0 = after every
+            batch); the end of the data is always saved.
+
+    Half precision: a float16/bfloat16 model is run as a float32 copy (the captured activations
+    and the scoring are float32; a UserWarning says so); inputs in the model's dtype are cast.
+
+    Distributed: when torch.distributed is initialised (torchrun), the weights are split across
+    the ranks by rows, each rank sweeps all the data for its share, and every rank returns the
+    full result (equal to a one-process run). ablate writes no files except its checkpoints.
 
     Returns:
         AblationResult with per-weight float64 ``delta_loss`` (summed CE change), ``delta_kl``,
@@ -127,6 +152,19 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     n_out, n_in = target.weight.shape
     flat = select_weights(weights, (n_out, n_in), seed)
     resolved = ops.resolve_backend(backend, device)
+    rank, world_size = distributed.world()
+    parts = distributed.partition(flat, n_in, world_size) if world_size > 1 else None
+    local = flat[parts[rank]] if parts is not None else flat
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if resolved == "naive":
+            raise ValueError("checkpoint_dir: the naive backend is the reference loop and does not checkpoint")
+        options = dict(backend=resolved, mode=mode, precision=precision, metrics=sorted(metrics), by_class=by_class,
+                       batch_size=batch_size, max_memory=max_memory, rank=rank, world_size=world_size)
+        checkpoint = Checkpoint(checkpoint_dir, {
+            "model": model_fingerprint(model), "layer": f"{name} {tuple(target.weight.shape)}",
+            "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
+            every=checkpoint_every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -135,17 +173,25 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         if precision == "float64" and target.weight.dtype != torch.float64:
             run = copy.deepcopy(model).double()  # the user's model is never converted
             stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
+        elif target.weight.dtype in HALF:
+            warnings.warn(f"ablate: the model is {target.weight.dtype}; it is run as a float32 copy, so the "
+                          "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
+            run = copy.deepcopy(model).float()
+            stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
         if resolved == "naive":
             out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class)
             method, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
-            scorer = ClosedForm(run, name, run.get_submodule(name), flat, resolved, mode, "flips" in metrics,
+            scorer = ClosedForm(run, name, run.get_submodule(name), local, resolved, mode, "flips" in metrics,
                                 by_class)
             total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-            out, n_samples, base_loss, base_acc = sweep(scorer, stream, flat.numel(), by_class=by_class,
-                                                        max_memory=max_memory, progress=progress, total_batches=total)
+            out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
+                                                        max_memory=max_memory, progress=progress, total_batches=total,
+                                                        checkpoint=checkpoint)
             method, head_desc = scorer.kind, scorer.description
+            if parts is not None:
+                out = distributed.gather(parts, out, flat.numel())
     finally:
         for m, was_training in training.items():
             m.training = was_training
@@ -156,9 +202,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 out[k] = None
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
-        weight=target.weight.detach().reshape(-1)[flat.to(device)].cpu().clone(),
+        weight=_original_values(target.weight, flat),
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), method=method, head=head_desc, backend=resolved, mode=mode, precision=precision,
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started,
+        extra={"computed_in": f"float32 (a float32 copy of the {target.weight.dtype} model)"}
+        if target.weight.dtype in HALF and precision == "model" else {})

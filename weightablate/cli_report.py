@@ -160,6 +160,9 @@ def cmd_report(args) -> int:
     return 0
 
 
+REPORT_STAGES = 7  # distribution, weights, classes, train vs test, criteria, activations, html
+
+
 def report_after_run(args, summary: dict, result, train_result, model, layer: str, data, log) -> str:
     """The report at the end of ``weightablate run``: criteria and activation statistics on ``data``
     (the test split), figures and report.html into ``args.out``; merges into ``summary``; returns
@@ -167,9 +170,12 @@ def report_after_run(args, summary: dict, result, train_result, model, layer: st
     from .reporting import format_report, report
 
     batch_size = args.batch_size if isinstance(data, tuple) else None
+    from .progress import bar
+
     log("report: pruning criteria, activation statistics, figures...")
-    d = report(result, args.out, model=model, layer=layer, data=data, train_result=train_result, summary=summary,
-               batch_size=batch_size, log=None)
+    with bar(REPORT_STAGES, "report (stages)", False if args.quiet else None) as pbar:
+        d = report(result, args.out, model=model, layer=layer, data=data, train_result=train_result,
+                   summary=summary, batch_size=batch_size, log=lambda msg: pbar.update(1))
     summary.clear()
     summary.update(d)
     text = format_report(d)
