@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
-def oracle(model, layer: str, X, y, flat_idx):
+def oracle(model, layer: str, X, y, flat_idx, param="weight"):
     """Per weight: summed CE change, sum of |per-sample CE change|, the oracle's own rounding
     bound, summed KL, flips and whether every logit stayed bitwise equal; all in float64."""
     m = copy.deepcopy(model).double().eval()
     X = X.double() if X.is_floating_point() else X
-    w = m.get_submodule(layer).weight.data.view(-1)
+    w = getattr(m.get_submodule(layer), param).data.view(-1)
     with torch.no_grad():
         base = m(X)
         ce0 = F.cross_entropy(base, y, reduction="none")
@@ -28,7 +28,8 @@ def oracle(model, layer: str, X, y, flat_idx):
             ce = F.cross_entropy(logits, y, reduction="none")
             diff = ce - ce0
             # the oracle's own float64 rounding: a few ulps of the logits behind every loss it subtracts
-            scale = logits.abs().amax(1) + base.abs().amax(1)
+            # and of the two losses themselves (log C when the logits are tiny)
+            scale = logits.abs().amax(1) + base.abs().amax(1) + ce.abs() + ce0.abs()
             out["round"].append(4 * torch.finfo(torch.float64).eps * scale.sum().item())
             out["delta_loss"].append(diff.sum().item())
             out["abs_sum"].append(diff.abs().sum().item())

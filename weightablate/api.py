@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import warnings
 
@@ -10,8 +11,8 @@ from torch import nn
 
 from . import distributed, ops
 from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
-from .closed_form import ClosedForm
 from .data import batches
+from .dispatch import choose_method
 from .memory import check_max_memory
 from .naive import naive_ablate
 from .result import AblationResult
@@ -19,6 +20,8 @@ from .selection import select_weights
 from .sweep import sweep
 
 METRICS = ("loss", "kl", "flips")
+PARAMS = ("weight", "bias")
+TARGETS = (nn.Linear, nn.Conv2d)
 MODES = ("auto", "exact")
 PRECISIONS = ("model", "float64")
 HALF = (torch.float16, torch.bfloat16)
@@ -29,8 +32,9 @@ def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
         try:
             return layer, model.get_submodule(layer)
         except AttributeError:
-            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(f"layer {layer!r} is not a module of the model; its Linear layers are: {names}") from None
+            names = [n for n, m in model.named_modules() if isinstance(m, TARGETS)]
+            raise ValueError(f"layer {layer!r} is not a module of the model; its Linear and Conv2d layers are: "
+                             f"{names}") from None
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
@@ -77,8 +81,9 @@ def _check_options(metrics, mode, seed):
 def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, backend: str = "auto",
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
-           progress: bool | None = None, checkpoint_dir=None, checkpoint_every: float = 60.0) -> AblationResult:
-    """The exact effect of zeroing each chosen weight of ``layer``, alone, over all of ``data``.
+           progress: bool | None = None, param: str = "weight", checkpoint_dir=None,
+           checkpoint_every: float = 60.0) -> AblationResult:
+    """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
     ``d_n = s(z_ni - W_ij a_nj) - s(z_ni)`` and the logits move by ``d_n * V[:, i]`` (DESIGN.md);
@@ -88,10 +93,13 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     Args:
         model: a classifier whose forward returns logits (N, C). Used in eval mode; its modes are
             restored and its weights are never changed (bit-identical after the call).
-        layer: dotted name (``"classifier.4"``) or the ``nn.Linear`` module itself.
+        layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
+            (grouped and depthwise included) anywhere in the model.
         data: a DataLoader, any iterable of ``(inputs, labels)`` batches, or a tuple ``(X, y)``.
-        weights: None (every weight), an int K (K distinct weights drawn with ``seed``), a 1-D
-            integer tensor of flat indices into ``layer.weight``, or a pair ``(rows, cols)``.
+        weights: None (every entry), an int K (K distinct entries drawn with ``seed``), a 1-D
+            integer tensor of flat indices into ``layer.weight`` (or ``layer.bias``), or a pair
+            ``(rows, cols)``: output unit/channel and flat index within its filter. ``"bias"`` is
+            short for ``param="bias", weights=None``: every bias entry.
         metrics: any of "loss", "kl", "flips"; the others are None in the result.
         backend: "auto" (compiled kernel for the device if built, else "torch"), "cpu", "cuda",
             "torch" (pure-PyTorch reference) or "naive" (zero, evaluate, restore).
@@ -111,6 +119,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             batch (capture, then scoring), so memory does not grow with the dataset's length:
             only one batch, its captures and one chunk of scratch are held at a time.
         progress: None = a bar when stdout and stderr are terminals; True/False force it.
+        param: "weight" or "bias": which parameter of ``layer`` the indices refer to.
         checkpoint_dir: a directory where the running sums are saved (atomically, with checksums
             and fingerprints of the model, layer, weights, options and data) after completed
             batches. Rerunning the same call after an interruption (even kill -9) resumes and
@@ -125,6 +134,14 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     Distributed: when torch.distributed is initialised (torchrun), the weights are split across
     the ranks by rows, each rank sweeps all the data for its share, and every rank returns the
     full result (equal to a one-process run). ablate writes no files except its checkpoints.
+
+    Methods (``res.method``), the fastest exact one that fits is chosen (weightablate.dispatch):
+    the closed forms of DESIGN.md ("logits", "piecewise", "elementwise") for a Linear followed by
+    element-wise maps and the final Linear; "funnel" for a layer whose changed channel reaches the
+    final Linear through per-channel maps, a residual add and global average pooling (ResNet's last
+    conv); "replay" for anything torch.fx can trace: the nodes that depend on the layer run again
+    on the *changes* of their inputs, in float64, for a chunk of ablations at a time (chunks sized
+    by ``max_memory``); ``res.head`` says why a faster method did not apply.
 
     Returns:
         AblationResult with per-weight float64 ``delta_loss`` (summed CE change), ``delta_kl``,
@@ -141,15 +158,25 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, target = _resolve_layer(model, layer)
-    if not isinstance(target, nn.Linear):
-        raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear layers can be ablated "
-                        "(Conv2d comes in a later release)")
+    if not isinstance(target, TARGETS):
+        raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
+                        "layers can be ablated")
+    if isinstance(weights, str):
+        if weights != "bias":
+            raise TypeError(f"weights: the only string accepted is 'bias' (every bias entry), got {weights!r}")
+        weights, param = None, "bias"
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    if param == "bias" and target.bias is None:
+        raise ValueError(f"param='bias' but layer {name!r} has no bias")
     metrics = _check_options(metrics, mode, seed)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     max_memory = check_max_memory(max_memory)
     device = _check_model(model, device)
-    n_out, n_in = target.weight.shape
+    tensor = getattr(target, param)
+    n_out = tensor.shape[0]
+    n_in = tensor[0].numel() if param == "weight" else 1
     flat = select_weights(weights, (n_out, n_in), seed)
     resolved = ops.resolve_backend(backend, device)
     rank, world_size = distributed.world()
@@ -162,7 +189,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         options = dict(backend=resolved, mode=mode, precision=precision, metrics=sorted(metrics), by_class=by_class,
                        batch_size=batch_size, max_memory=max_memory, rank=rank, world_size=world_size)
         checkpoint = Checkpoint(checkpoint_dir, {
-            "model": model_fingerprint(model), "layer": f"{name} {tuple(target.weight.shape)}",
+            "model": model_fingerprint(model), "layer": f"{name}.{param} {tuple(tensor.shape)}",
             "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
             every=checkpoint_every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
     training = {m: m.training for m in model.modules()}
@@ -179,12 +206,15 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             run = copy.deepcopy(model).float()
             stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
         if resolved == "naive":
-            out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class)
+            out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class, param)
             method, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
-            scorer = ClosedForm(run, name, run.get_submodule(name), local, resolved, mode, "flips" in metrics,
-                                by_class)
+            stream = iter(stream)
+            first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
+            stream = itertools.chain([first], stream)
+            scorer = choose_method(run, name, run.get_submodule(name), param, local, first[0], resolved, mode,
+                                   "flips" in metrics, by_class)
             total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
             out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                         max_memory=max_memory, progress=progress, total_batches=total,
@@ -202,11 +232,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 out[k] = None
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
-        weight=_original_values(target.weight, flat),
+        weight=_original_values(tensor, flat),
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
-        layer_shape=(n_out, n_in), method=method, head=head_desc, backend=resolved, mode=mode, precision=precision,
-        seconds=time.perf_counter() - started,
-        extra={"computed_in": f"float32 (a float32 copy of the {target.weight.dtype} model)"}
-        if target.weight.dtype in HALF and precision == "model" else {})
+        layer_shape=(n_out, n_in), param=param, method=method, head=head_desc, backend=resolved, mode=mode,
+        precision=precision, seconds=time.perf_counter() - started,
+        extra={"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+        if tensor.dtype in HALF and precision == "model" else {})

@@ -18,13 +18,16 @@ BUDGET_SHARE = 4  # the (weights x samples) blocks take a quarter of max_memory
 class ClosedForm:
     """Scores a Linear target whose head plan_head reduces to a closed form."""
 
-    def __init__(self, model, name, target, flat, backend, mode, want_flips, by_class):
-        self.model, self.name, self.target = model, name, target
+    def __init__(self, model, name, target, flat, backend, mode, want_flips, by_class, param="weight"):
+        self.model, self.name, self.target, self.param = model, name, target, param
         self.backend, self.mode, self.want_flips, self.by_class = backend, mode, want_flips, by_class
         n_out, n_in = target.weight.shape
         device = target.weight.device
         self.flat = flat.to(device)
-        self.rows, self.cols = self.flat // n_in, self.flat % n_in
+        if param == "bias":  # b_i is a weight whose input is the constant 1: a_t is one row of ones
+            self.rows, self.cols = self.flat, torch.zeros_like(self.flat)
+        else:
+            self.rows, self.cols = self.flat // n_in, self.flat % n_in
         self.head = self.w = None
 
     @property
@@ -39,12 +42,14 @@ class ClosedForm:
         cap = capture(self.model, self.target, self.name, x, trace=self.head is None)
         if self.head is None:
             # read after a forward: a pruning pre-hook recomputes the weight from its mask there
-            self.w = self.target.weight.detach().reshape(-1)[self.flat]
+            self.w = getattr(self.target, self.param).detach().reshape(-1)[self.flat]
             n_out = self.target.weight.shape[0]
             self.head = plan_head(cap.calls, self.name, n_out, cap.logits.shape[1], self.flat.device)
             self.head_rows = self.head.rows()
             self.moment_slot = _moment_slots(self.head, self.rows, n_out, self.mode, self.flat.device)
         self.a_t, self.z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
+        if self.param == "bias":
+            self.a_t = torch.ones_like(self.a_t[:1])
         self.moments = None
         return cap.logits
 

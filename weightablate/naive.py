@@ -20,11 +20,12 @@ def evaluate(model, batches):
         return [check_logits(model(x)) for x, _ in batches]
 
 
-def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, by_class=False):
+def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, by_class=False, param="weight"):
     """Returns dict of (K,) tensors: delta_loss, delta_kl (float64), flips, new_errors,
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
-    model's dtype, as a naive user would, and summed in float64."""
-    if hasattr(layer, "weight_orig"):
+    model's dtype, as a naive user would, and summed in float64. ``flat_idx`` index ``layer.<param>``
+    ("weight" of any shape, e.g. a Conv2d's, or "bias")."""
+    if hasattr(layer, param + "_orig"):
         raise ValueError("backend='naive' cannot zero a weight that torch.nn.utils.prune recomputes from "
                          "weight_orig * weight_mask on every forward; call prune.remove first or use another backend")
     base = evaluate(model, batches)
@@ -43,7 +44,7 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     out["n_samples"] = n
     out["base_loss"] = sum(ce.double().sum().item() for ce in base_ce) / n
     out["base_accuracy"] = sum(int((p == y).sum()) for p, (_, y) in zip(base_pred, batches)) / n
-    flat = layer.weight.data.view(-1)
+    flat = getattr(layer, param).data.view(-1)
     with bar(K, "naive ablation", progress) as pbar:
         for k, idx in enumerate(flat_idx.tolist()):
             original = flat[idx].clone()

@@ -39,8 +39,9 @@ class AblationResult:
     base_accuracy: float
     class_loss: torch.Tensor | None = None  # (K, C) float64: delta_loss split by label (by_class=True)
     layer: str = ""
-    layer_shape: tuple[int, int] = (0, 0)
-    method: str = ""  # which exact path ran: "logits", "piecewise", "elementwise" or "naive"
+    layer_shape: tuple[int, int] = (0, 0)  # the 2-D view rows/cols index: (out units, entries per unit)
+    param: str = "weight"  # which parameter the indices refer to: "weight" or "bias" (rows = entry, cols = 0)
+    method: str = ""  # which exact path ran: "logits", "piecewise", "elementwise", "funnel", "replay" or "naive"
     head: str = ""  # what the method saw after the layer
     backend: str = ""
     mode: str = ""
