@@ -13,7 +13,8 @@ run: $(STAMP)
 	$(VENV)/bin/weightablate run
 
 test: $(STAMP)
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # report.html is tested in headless Chromium
+	# report.html is tested in headless Chromium (Debian's package; sudo when not root)
+	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium; }
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -123,11 +123,11 @@ def main(argv=None) -> int:
     records = run(range(args.seeds), args.epochs, log)
     total = time.perf_counter() - started
     (args.out / "prune_experiment.json").write_text(json.dumps(records, indent=1) + "\n")
-    wp.plot_accuracy_vs_sparsity(
+    plot_pruning(
         [r for r in records if r["criterion"] != "dense"], args.out / "prune_experiment.png",
         keys=("accuracy", "accuracy_pruned"),
         title=f"iterative pruning on digits, {args.epochs} fine-tuning epochs per step, "
-              f"{args.seeds} seeds (line: mean, band: min-max)")
+              f"{args.seeds} seeds (mean, bars: sd)")
     report = ["Test accuracy (%) after fine-tuning, mean ± sd over seeds:", "", table(records, "accuracy", 100, 1),
               "Test loss (mean cross-entropy) after fine-tuning:", "", table(records, "loss", 1, 3),
               "Test accuracy (%) right after pruning, before that step's fine-tuning:", "",

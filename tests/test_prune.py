@@ -14,6 +14,7 @@ import weightablate as wa
 from weightablate import criteria, digits
 from weightablate import prune as wp
 from weightablate.cli import main
+from weightablate.report_pruning import plot_pruning
 
 from oracle import oracle
 
@@ -220,9 +221,10 @@ def test_iterative_is_reproducible_and_reaches_the_target(trained, split):
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    records = [{"model": m, "criterion": c, "target": s, "accuracy": 0.9 - s / 10 + seed / 100, "seed": seed}
+    records = [{"model": m, "criterion": c, "target": s, "accuracy": 0.9 - s / 10 + seed / 100, "seed": seed,
+                "loss": 0.1 + s}
                for m in ("mlp", "cnn") for c in ("exact", "magnitude") for s in (0.5, 0.9) for seed in range(2)]
-    path = wp.plot_accuracy_vs_sparsity(records, tmp_path / "p.png")
+    path = plot_pruning(records, tmp_path / "p.png", keys=("accuracy",))
     assert path.stat().st_size > 1000
 
 
@@ -243,6 +245,14 @@ def test_cli_prune_digits(tmp_path, cache_home, capsys):
     model.load_state_dict(state)  # plain state dict: loads into the unpruned architecture
     zeros = int((model.fc2.weight == 0).sum() + (model.fc3.weight == 0).sum())
     assert zeros >= round(0.5 * (256 * 256 + 2560))
+    # the trajectory goes into the report: accuracy vs sparsity, the numbers of history.json
+    _, _, X, y = digits.load_digits_split()
+    wa.ablate(model, "fc3", (X, y)).save(tmp_path / "r.npz")
+    assert main(["report", str(tmp_path / "r.npz"), "--pruning", str(out / "history.json"), "--out",
+                 str(tmp_path / "rep"), "--quiet"]) == 0
+    line = json.loads((tmp_path / "rep" / "summary.json").read_text())["pruning"]["digits MLP 64-256-256-10"]["exact"]
+    assert [p["accuracy_mean"] for p in line] == [hist["base_accuracy"], hist["history"][0]["accuracy"]]
+    assert (tmp_path / "rep" / "pruning.png").is_file()
 
 
 def test_cli_prune_errors(tmp_path, cache_home, capsys):

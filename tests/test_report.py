@@ -369,3 +369,53 @@ def test_results_are_concatenated_and_checked(tmp_path):
     with pytest.raises(ValueError, match="train_result"):
         wa.report([a, other], tmp_path / "x")
 
+
+
+# --- pruning trajectories ------------------------------------------------------------------------
+
+def test_pruning_section_numbers_and_figure(tmp_path):
+    """Rows of prune_experiment.json and a prune history.json: mean and sd per (model, criterion,
+    sparsity) against numpy, the figure on the page, the dense point starting every line."""
+    rng = np.random.default_rng(5)
+    rows = [{"model": "mlp", "seed": s, "criterion": "dense", "sparsity": 0.0, "accuracy": 0.97 + 0.001 * s,
+             "loss": 0.1}
+            for s in range(3)]
+    for crit in ("exact", "magnitude"):
+        for s in range(3):
+            for sp in (0.5, 0.9):
+                rows.append({"model": "mlp", "seed": s, "criterion": crit, "sparsity": sp,
+                             "accuracy": float(rng.uniform(0.8, 0.97)), "loss": float(rng.uniform(0.1, 1))})
+    history = {"model": "cnn", "criterion": "wanda", "ranking": "signed", "seed": 0, "base_accuracy": 0.96,
+               "base_loss": 0.12, "history": [{"step": 1, "sparsity": 0.5, "accuracy": 0.95, "loss": 0.2}]}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    d = wa.report(synthetic(500, rng), tmp_path / "out", pruning=[tmp_path / "rows.json", tmp_path / "history.json"])
+    pr = d["pruning"]
+    assert set(pr) == {"mlp", "cnn"} and set(pr["mlp"]) == {"exact", "magnitude"} and set(pr["cnn"]) == {"wanda"}
+    for crit in ("exact", "magnitude"):
+        line = pr["mlp"][crit]
+        assert [p["sparsity"] for p in line] == [0.0, 0.5, 0.9]
+        dense = [r["accuracy"] for r in rows if r["criterion"] == "dense"]
+        assert line[0]["accuracy_mean"] == pytest.approx(np.mean(dense), abs=1e-12)
+        for p in line[1:]:
+            acc = [r["accuracy"] for r in rows if r["criterion"] == crit and r["sparsity"] == p["sparsity"]]
+            loss = [r["loss"] for r in rows if r["criterion"] == crit and r["sparsity"] == p["sparsity"]]
+            assert p["n_seeds"] == 3
+            assert p["accuracy_mean"] == pytest.approx(np.mean(acc), abs=1e-12)
+            assert p["accuracy_sd"] == pytest.approx(np.std(acc, ddof=1), abs=1e-12)
+            assert p["loss_sd"] == pytest.approx(np.std(loss, ddof=1), abs=1e-12)
+    assert [p["accuracy_mean"] for p in pr["cnn"]["wanda"]] == [0.96, 0.95]
+    assert pr["cnn"]["wanda"][1]["accuracy_sd"] is None  # one seed: no spread
+    info = d["report"]["figures"]["pruning"]
+    assert png_size(tmp_path / "out" / "pruning.png") == (info["width"], info["height"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="fig-pruning"' in page and "7. Pruning" in page
+
+
+def test_pruning_input_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="pruning: .*bad.json"):
+        wa.report(synthetic(50, rng), tmp_path / "o", pruning=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="pruning: expected"):
+        wa.report(synthetic(50, rng), tmp_path / "o", pruning=[{"x": 1}])

@@ -4,11 +4,13 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+import warnings
 
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
+from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
 from .data import batches
 from .dispatch import METHODS, choose_method
 from .memory import check_max_memory
@@ -22,6 +24,7 @@ PARAMS = ("weight", "bias")
 TARGETS = (nn.Linear, nn.Conv2d)
 MODES = ("auto", "exact")
 PRECISIONS = ("model", "float64")
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
@@ -52,9 +55,16 @@ def _check_model(model: nn.Module, device) -> torch.device:
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}: move the model first "
                              "(model.to(device)); inputs are moved to the model's device for you")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # the sum is finite when every element is (one cheap pass); it can also overflow: then look closer
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise ValueError(f"model: {name} contains NaN or inf")
     return model_device
+
+
+def _original_values(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The chosen weights' values (float32 for a half-precision layer: npz has no bfloat16)."""
+    values = weight.detach().reshape(-1)[flat.to(weight.device)].cpu().clone()
+    return values.float() if values.dtype in HALF else values
 
 
 def _check_options(metrics, mode, seed):
@@ -72,7 +82,8 @@ def _check_options(metrics, mode, seed):
 def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, backend: str = "auto",
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
-           progress: bool | None = None, param: str = "weight", method: str = "auto") -> AblationResult:
+           progress: bool | None = None, param: str = "weight", method: str = "auto", checkpoint_dir=None,
+           checkpoint_every: float = 60.0) -> AblationResult:
     """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -104,12 +115,28 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         by_class: also return ``class_loss`` (K, C) float64, delta_loss split by the samples'
             label, from the same pass. Needs K * C * 8 bytes on the device (plus one chunk's
             worth again): 32 MiB for 4096 weights and 1000 classes; meant for subsets of weights.
-        max_memory: bytes of scratch the scoring may use at once (default 1 GiB): weights are
-            scored in chunks that fit. Results do not depend on it.
-        progress: None = a bar on a terminal only; True/False force it.
+        max_memory: bytes of scratch the scoring may use at once (default 1 GiB), an int or a
+            string like "2GiB": weights are scored in chunks that fit. Data is streamed batch by
+            batch (capture, then scoring), so memory does not grow with the dataset's length:
+            only one batch, its captures and one chunk of scratch are held at a time.
+        progress: None = a bar when stdout and stderr are terminals; True/False force it.
         param: "weight" or "bias": which parameter of ``layer`` the indices refer to.
         method: "auto" (the fastest that fits, below) or one of "closed_form", "funnel", "replay" to
             force it (a ValueError says why when it does not apply). Ignored by backend="naive".
+        checkpoint_dir: a directory where the running sums are saved (atomically, with checksums
+            and fingerprints of the model, layer, weights, options and data) after completed
+            batches. Rerunning the same call after an interruption (even kill -9) resumes and
+            gives a bit-identical result; a checkpoint from a different model, layer, data,
+            weight set or options is refused with a CheckpointError (a ValueError).
+        checkpoint_every: seconds between two checkpoint saves (default 60; 0 = after every
+            batch); the end of the data is always saved.
+
+    Half precision: a float16/bfloat16 model is run as a float32 copy (the captured activations
+    and the scoring are float32; a UserWarning says so); inputs in the model's dtype are cast.
+
+    Distributed: when torch.distributed is initialised (torchrun), the weights are split across
+    the ranks by rows, each rank sweeps all the data for its share, and every rank returns the
+    full result (equal to a one-process run). ablate writes no files except its checkpoints.
 
     Methods (``res.method``), the fastest exact one that fits is chosen (weightablate.dispatch):
     the closed forms of DESIGN.md ("logits", "piecewise", "elementwise") for a Linear followed by
@@ -160,6 +187,20 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     n_in = tensor[0].numel() if param == "weight" else 1
     flat = select_weights(weights, (n_out, n_in), seed)
     resolved = ops.resolve_backend(backend, device)
+    rank, world_size = distributed.world()
+    parts = distributed.partition(flat, n_in, world_size) if world_size > 1 else None
+    local = flat[parts[rank]] if parts is not None else flat
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if resolved == "naive":
+            raise ValueError("checkpoint_dir: the naive backend is the reference loop and does not checkpoint")
+        options = dict(backend=resolved, mode=mode, method=method, precision=precision, metrics=sorted(metrics),
+                       by_class=by_class,
+                       batch_size=batch_size, max_memory=max_memory, rank=rank, world_size=world_size)
+        checkpoint = Checkpoint(checkpoint_dir, {
+            "model": model_fingerprint(model), "layer": f"{name}.{param} {tuple(tensor.shape)}",
+            "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
+            every=checkpoint_every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -168,20 +209,28 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         if precision == "float64" and target.weight.dtype != torch.float64:
             run = copy.deepcopy(model).double()  # the user's model is never converted
             stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
+        elif target.weight.dtype in HALF:
+            warnings.warn(f"ablate: the model is {target.weight.dtype}; it is run as a float32 copy, so the "
+                          "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
+            run = copy.deepcopy(model).float()
+            stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
         if resolved == "naive":
             out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class, param)
             kind, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             stream = iter(stream)
-            first = next(stream)
+            first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
             stream = itertools.chain([first], stream)
-            scorer = choose_method(run, name, run.get_submodule(name), param, flat, first[0], resolved, mode,
+            scorer = choose_method(run, name, run.get_submodule(name), param, local, first[0], resolved, mode,
                                    "flips" in metrics, by_class, method)
             total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-            out, n_samples, base_loss, base_acc = sweep(scorer, stream, flat.numel(), by_class=by_class,
-                                                        max_memory=max_memory, progress=progress, total_batches=total)
+            out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
+                                                        max_memory=max_memory, progress=progress, total_batches=total,
+                                                        checkpoint=checkpoint)
             kind, head_desc = scorer.kind, scorer.description
+            if parts is not None:
+                out = distributed.gather(parts, out, flat.numel())
     finally:
         for m, was_training in training.items():
             m.training = was_training
@@ -192,10 +241,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 out[k] = None
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
-        weight=tensor.detach().reshape(-1)[flat.to(device)].cpu().clone(),
+        weight=_original_values(tensor, flat),
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), param=param, method=kind, head=head_desc, backend=resolved, mode=mode,
-        precision=precision,
-        seconds=time.perf_counter() - started)
+        precision=precision, seconds=time.perf_counter() - started,
+        extra={"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+        if tensor.dtype in HALF and precision == "model" else {})

@@ -57,6 +57,15 @@ def _positive(text: str) -> int:
     return k
 
 
+def _size(text: str) -> int:
+    from .memory import check_max_memory
+
+    try:
+        return check_max_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightablate",
@@ -96,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("weightablate-out"),
                      help="output directory (default weightablate-out)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    run.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                     help="scratch memory budget of the scoring, e.g. 2GiB or 512MB (default 1GiB); data is "
+                          "streamed batch by batch, so memory does not grow with the dataset")
+    run.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                     help="save the running sums in DIR (atomically, with checksums and fingerprints); rerunning "
+                          "the same command after an interruption resumes with a bit-identical result")
+    run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds between checkpoint saves (default 60; 0 = after every batch)")
     run.add_argument("--no-report", action="store_true",
                      help="skip the report (criteria, activation statistics, figures, report.html)")
     run.set_defaults(func=cmd_run, parser=run)
@@ -217,19 +234,38 @@ def image_folder(path: Path, size: int):
 def _device(args) -> torch.device:
     if args.device == "auto":
         use_cuda = torch.cuda.is_available() and args.backend not in ("cpu",)
-        return torch.device("cuda" if use_cuda else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
+        kind = "cuda" if use_cuda else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available")
-    return torch.device(args.device)
+    else:
+        kind = args.device
+    if kind == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(kind)
 
 
 def cmd_run(args) -> int:
+    from . import distributed
+
+    own_group = distributed.init_from_env(_device(args).type)  # under torchrun: join the process group
+    try:
+        return _run(args, distributed)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, distributed) -> int:
     from . import ablate
     from . import digits as dg
     from .summary import format_summary, summarize, to_json
 
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    progress = False if args.quiet else None
+    main_rank = distributed.is_main()  # under torchrun every rank computes, rank 0 alone writes and prints
+    quiet = args.quiet or not main_rank
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = False if quiet else None
     on_digits = args.data == "digits"
     folder = None
     if not on_digits:
@@ -253,7 +289,8 @@ def cmd_run(args) -> int:
             model = dg.digits_mlp()
         else:
             started = time.perf_counter()
-            model = dg.digits_model(args.seed, cache=True, log=log)
+            with distributed.main_first():  # rank 0 trains and caches, the others read the cache
+                model = dg.digits_model(args.seed, cache=True, log=log)
             log(f"digits MLP ready in {time.perf_counter() - started:.1f} s")
         model_desc = "digits MLP 64-256-256-10"
     else:
@@ -284,12 +321,16 @@ def cmd_run(args) -> int:
     if k == numel:
         k = None
     common = dict(backend=args.backend, mode=args.mode, precision=args.precision, seed=args.seed,
-                  progress=progress, batch_size=args.batch_size)
+                  progress=progress, batch_size=args.batch_size, max_memory=args.max_memory,
+                  checkpoint_every=args.checkpoint_every)
+    ckpt = (lambda sub: None) if args.checkpoint_dir is None else \
+        (lambda sub: args.checkpoint_dir / sub if on_digits else args.checkpoint_dir)
     from .cli_report import by_class_ok
 
     by_class = not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        args.out.mkdir(parents=True, exist_ok=True)
     train_result = None
     if on_digits:
         X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)
@@ -297,21 +338,26 @@ def cmd_run(args) -> int:
         X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
         n_desc = f"digits test split ({X_te.shape[0]} samples)"
         log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
-        result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, **common)
+        result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, checkpoint_dir=ckpt("test"),
+                        **common)
         test_data = (X_te, y_te)
         X_sub, y_sub = dg.train_subset(X_tr, y_tr, X_te.shape[0], args.seed)
         log(f"... and on a train subset of {X_sub.shape[0]} samples")
-        train_result = ablate(model, layer, (X_sub, y_sub), weights=result.indices, **common)
-        train_result.save(args.out / "results_train.npz")
+        train_result = ablate(model, layer, (X_sub, y_sub), weights=result.indices, checkpoint_dir=ckpt("train"),
+                              **common)
     else:
         loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size or 64, shuffle=False,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         common["batch_size"] = None
         n_desc = f"ImageFolder {args.data} ({len(folder)} images, {num_classes} classes)"
         log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
-        result = ablate(model, layer, loader, weights=k, by_class=by_class, **common)
+        result = ablate(model, layer, loader, weights=k, by_class=by_class, checkpoint_dir=ckpt(""), **common)
         test_data = loader
+    if not main_rank:
+        return 0
     result.save(args.out / "results.npz")
+    if train_result is not None:
+        train_result.save(args.out / "results_train.npz")
 
     summary = summarize(result, train_result)
     summary["model"] = model_desc

@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
                      help="results of the same weights on train data; repeat for shards (default: "
                           "results_train.npz of a directory)")
     rep.add_argument("--out", type=Path, required=True, help="output directory")
+    rep.add_argument("--pruning", action="append", type=Path, metavar="JSON",
+                     help="history.json of `weightablate prune` or prune_experiment.json: adds accuracy vs sparsity "
+                          "per criterion; repeat to put several runs in one figure")
     rep.add_argument("--no-symlog", action="store_true", help="no symlog panel in the delta histogram")
     rep.add_argument("--max-points", type=_positive, default=MAX_POINTS, metavar="N",
                      help=f"scatter plots draw at most N points, a hexbin of all above (default {MAX_POINTS})")
@@ -138,15 +141,26 @@ def cmd_report(args) -> int:
             if idx.shape == tuple(result.indices.shape) and np.array_equal(idx, result.indices.numpy()):
                 criteria = {k: z[k] for k in z.files if k != "indices"}
     activations = ActivationStats.load(act_path) if act_path is not None and len(files) == 1 else None
+    for p in args.pruning or []:
+        if not p.is_file():
+            raise CLIError(f"--pruning {str(p)!r}: no such file")
     summary = {**summarize(result, train), **extra}
-    d = report(result, args.out, train_result=train, criteria=criteria, activations=activations, summary=summary,
-               symlog=not args.no_symlog, max_points=args.max_points, bootstrap=args.bootstrap, seed=args.seed,
-               log=log)
+    try:
+        d = report(result, args.out, train_result=train, criteria=criteria, activations=activations, summary=summary,
+                   symlog=not args.no_symlog, max_points=args.max_points, bootstrap=args.bootstrap, seed=args.seed,
+                   pruning=args.pruning, log=log)
+    except ValueError as exc:
+        if str(exc).startswith("pruning:"):
+            raise CLIError(f"--pruning: {exc}") from None
+        raise
     text = format_summary(d)
     extra_text = format_report(d)
     print(text + ("\n" + extra_text if extra_text else ""))
     log(f"wrote {args.out / 'report.html'}, {len(d['report']['figures'])} figures, summary.json")
     return 0
+
+
+REPORT_STAGES = 7  # distribution, weights, classes, train vs test, criteria, activations, html
 
 
 def report_after_run(args, summary: dict, result, train_result, model, layer: str, data, log) -> str:
@@ -156,9 +170,12 @@ def report_after_run(args, summary: dict, result, train_result, model, layer: st
     from .reporting import format_report, report
 
     batch_size = args.batch_size if isinstance(data, tuple) else None
+    from .progress import bar
+
     log("report: pruning criteria, activation statistics, figures...")
-    d = report(result, args.out, model=model, layer=layer, data=data, train_result=train_result, summary=summary,
-               batch_size=batch_size, log=None)
+    with bar(REPORT_STAGES, "report (stages)", False if args.quiet else None) as pbar:
+        d = report(result, args.out, model=model, layer=layer, data=data, train_result=train_result,
+                   summary=summary, batch_size=batch_size, log=lambda msg: pbar.update(1))
     summary.clear()
     summary.update(d)
     text = format_report(d)

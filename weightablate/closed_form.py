@@ -13,6 +13,9 @@ MOMENT_ORDER = 6  # D: raw moments m_1..m_D per (sample, unit) on the moment pat
 MOMENT_MIN_WEIGHTS = 2  # a unit gets moments when at least this many chosen weights share it
 SCRATCH_PER_PAIR = 32  # bytes per (weight, sample): d in float64 and the kernels' temporaries
 BUDGET_SHARE = 4  # the (weights x samples) blocks take a quarter of max_memory
+# cpu kernels: chunks this small keep d in cache between the two ops and let the allocator reuse
+# its memory (a fresh 256 MB block costs more in page faults than pair_deltas' arithmetic)
+CPU_CHUNK_BYTES = 16 << 20
 
 
 class ClosedForm:
@@ -54,7 +57,10 @@ class ClosedForm:
         return cap.logits
 
     def chunk_size(self, n: int, max_memory: int) -> int:
-        return chunk_size(SCRATCH_PER_PAIR * n, max_memory // BUDGET_SHARE)
+        budget = max_memory // BUDGET_SHARE
+        if self.backend == "cpu":
+            budget = min(budget, CPU_CHUNK_BYTES)
+        return chunk_size(SCRATCH_PER_PAIR * n, budget)
 
     def score(self, batch, sl: slice):
         if self.moments is None and self.moment_slot is not None:

@@ -26,13 +26,24 @@ def _raw_batches(data, batch_size):
     if not isinstance(data, Iterable) or isinstance(data, torch.Tensor):
         raise TypeError("data must be a DataLoader, an iterable of (inputs, labels) batches or a tuple (X, y), "
                         f"got {type(data).__name__}")
-    for k, item in enumerate(data):
+    items = iter(data)
+    k = 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as exc:  # the loader's own error: keep it, say where it happened
+            exc.add_note(f"weightablate: raised by the data while reading batch {k} ({k} batches were read before); "
+                         "the model's weights are unchanged")
+            raise
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"data: batch {k} is not an (inputs, labels) pair but {type(item).__name__}")
         x, y = item
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"data: batch {k} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
         yield from _split(x, y, batch_size)
+        k += 1
 
 
 def batches(data, batch_size: int | None, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

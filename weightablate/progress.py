@@ -5,13 +5,14 @@ import sys
 
 
 def bar(total, desc: str, progress):
-    """A tqdm bar, or a no-op. progress: None = only when stderr is a terminal, True/False force."""
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    """A tqdm bar on stderr, or a no-op. progress: None = only when stdout and stderr are both
+    terminals (never in a pipe, a log file or a test); True/False force it."""
+    show = (sys.stdout.isatty() and sys.stderr.isatty()) if progress is None else bool(progress)
     if not show:
         return _Silent()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch" if "batch" in desc else "it", leave=False)
+    return tqdm(total=total, desc=desc, unit="batch" if "batch" in desc else "it", leave=False, file=sys.stderr)
 
 
 class _Silent:

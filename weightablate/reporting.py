@@ -13,6 +13,8 @@
 * ``criteria.png``          pruning criteria against the exact delta (Spearman, Kendall, top/bottom overlaps)
 * ``taylor2_vs_delta.png``  the second-order estimate against the truth (with a model and data)
 * ``activations_*.png``     pre-activation statistics of the layer (with a model and data)
+* ``pruning.png``           test accuracy against sparsity per pruning criterion (with ``pruning``:
+                            ``weightablate prune``'s history.json or prune_experiment.json)
 * ``report.html``           all of it, figures embedded (base64): opens offline, a single file
 * ``summary.json``          every number shown (``weightablate.summary.summarize`` plus the report's)
 
@@ -223,13 +225,13 @@ def _weight_rows(result, order, extra) -> list:
 
 # --- figures ----------------------------------------------------------------------------------
 
-def _figure(w=10.0, h=4.0, ncols=1):
+def _figure(w=10.0, h=4.0, ncols=1, nrows=1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)  # headless: never pyplot, never the user's backend
-    axes = [fig.add_subplot(1, ncols, k + 1) for k in range(ncols)]
+    axes = [fig.add_subplot(nrows, ncols, k + 1) for k in range(nrows * ncols)]
     return fig, axes
 
 
@@ -432,7 +434,7 @@ def _pct(f: float) -> str:
 def report(results, out, *, model=None, layer=None, data=None, train_result=None, criteria=None,
            activations=None, summary: dict | None = None, symlog: bool = True, max_points: int = MAX_POINTS,
            bootstrap: int = BOOTSTRAP, seed: int = 0, batch_size: int | None = None, title: str | None = None,
-           log=None) -> dict:
+           pruning=None, log=None) -> dict:
     """Write the report of one ablation sweep into the directory ``out``; return ``summary.json``'s dict.
 
     Args:
@@ -450,6 +452,8 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
         max_points: scatter plots draw at most this many points; above, a hexbin of all points.
         bootstrap: replicates for the train-vs-test intervals (capped at
             ``max(100, 5e7 / n_weights)`` so that the report stays cheaper than the sweep).
+        pruning: pruning trajectories to plot (accuracy vs sparsity per criterion): paths to, or
+            loaded, ``history.json`` of ``weightablate prune`` or ``prune_experiment.json``.
     """
     started = time.perf_counter()
     say = log or (lambda msg: None)
@@ -633,6 +637,15 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
             d["activations"][st.layer] = entry
         say(f"report: activations ({time.perf_counter() - started:.1f} s)")
 
+    # 7. pruning
+    if pruning is not None:
+        from .report_pruning import fig_pruning, pruning_rows, summarize_pruning
+
+        prune_summary = summarize_pruning(pruning_rows(pruning))
+        d["pruning"] = prune_summary
+        add("pruning", "pruning", "Test accuracy after pruning and fine-tuning, against sparsity: mean and sd over "
+            "seeds, one line per criterion (the same fine-tuning budget for each).", fig_pruning(prune_summary))
+
     for section, name, caption, png in figures:
         (out / f"{name}.png").write_bytes(png)
     d["report"] = {"figures": meta, "max_points": max_points, "symlog": bool(symlog),
@@ -721,6 +734,7 @@ _SECTIONS = (
     ("train", "4. Train vs test"),
     ("criteria", "5. Pruning criteria against the exact truth"),
     ("activations", "6. Activation statistics"),
+    ("pruning", "7. Pruning: accuracy against sparsity"),
 )
 
 _SCRIPT = """
@@ -874,6 +888,12 @@ def _section_text(d: dict) -> dict:
         t["activations"] = _table(rows, ["layer", "units", "values per unit", "mean pass fraction",
                                          "median pass fraction", "units passing <= 25%", "dead units",
                                          "median of median/std", "median over"])
+    pr = d.get("pruning")
+    if pr:
+        from .report_pruning import pruning_table
+
+        t["pruning"] = _table(pruning_table(pr), ["model", "criterion", "sparsity", "test accuracy (%)", "test loss",
+                                                  "seeds"])
     return t
 
 

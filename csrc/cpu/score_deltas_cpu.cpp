@@ -12,50 +12,65 @@
 
 #include "../numerics.h"
 
-// One clone per instruction set, picked at load time: AVX-512 here, AVX2 or SSE elsewhere.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define WA_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define WA_CLONES
-#endif
+#include "clones.h"
 
 namespace weightablate {
 namespace {
 
-WA_CLONES double dot(const double* p, const double* v, int64_t C) {
+WA_INLINE double dot(const double* p, const double* v, int64_t C) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < C; ++c) s += p[c] * v[c];
   return s;
 }
 
-// sum_c p_c phi(d (v_c - m1)) + d sum_c p_c (v_c - m1), every |d (v_c - m1)| <= kPhiSeriesMax.
-WA_CLONES double centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0, r = 0.0;
-#pragma omp simd reduction(+ : t, r)
-  for (int64_t c = 0; c < C; ++c) {
-    const double w = v[c] - m1;
-    t += p[c] * phi_series(d * w);
-    r += p[c] * w;
-  }
-  return t + d * r;
+// 1/k!, k = 0..14: phi_series' coefficients.
+constexpr double kInvFact[15] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+                                 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+                                 1.0 / 87178291200.0};
+
+// phi(x) = sum_{k=2..Deg} x^k/k! (Horner), for |x| below the bound its Deg is chosen for.
+template <int Deg>
+WA_INLINE double phi_poly(double x) {
+  double s = kInvFact[Deg];
+#pragma GCC unroll 16
+  for (int k = Deg - 1; k >= 2; --k) s = s * x + kInvFact[k];
+  return s * x * x;
+}
+
+// sum_c p_c phi(d (v_c - m1)), every |d (v_c - m1)| <= x.
+template <int Deg>
+WA_INLINE double centered_sum_deg(const double* p, const double* v, int64_t C, double d, double m1) {
+  double t = 0.0;
+#pragma omp simd reduction(+ : t)
+  for (int64_t c = 0; c < C; ++c) t += p[c] * phi_poly<Deg>(d * (v[c] - m1));
+  return t;
+}
+
+// The fewest Horner terms whose truncation stays below 1e-18 relative to phi(x) for |x| <= bound
+// (Deg 5: 1.38e-4, 7: 5.2e-3, 9: 3.4e-2, 11: 0.109, 14: 0.25; mpmath); most pairs have x << 0.25.
+WA_INLINE double centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1, double x) {
+  if (x <= 1e-4) return centered_sum_deg<5>(p, v, C, d, m1);
+  if (x <= 5e-3) return centered_sum_deg<7>(p, v, C, d, m1);
+  if (x <= 3e-2) return centered_sum_deg<9>(p, v, C, d, m1);
+  if (x <= 0.1) return centered_sum_deg<11>(p, v, C, d, m1);
+  return centered_sum_deg<14>(p, v, C, d, m1);
 }
 
 double centered_sum_general(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0, r = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    const double w = v[c] - m1;
-    t += p[c] * phi(d * w);
-    r += p[c] * w;
-  }
-  return t + d * r;
+  double t = 0.0;
+  for (int64_t c = 0; c < C; ++c) t += p[c] * phi(d * (v[c] - m1));
+  return t;
 }
 
-// KL(p || softmax(l + d v)) = log sum_c p_c exp(d (v_c - m1)), without cancellation.
+// KL(p || softmax(l + d v)) = log sum_c p_c exp(d (v_c - m1)) = log1p(sum_c p_c phi(d (v_c - m1))):
+// the first-order term d sum_c p_c (v_c - m1) is exactly 0, and its rounded value (an ulp of m1
+// times d) is left out: it would be the largest error of a tiny KL (a confident sample). Every
+// term is >= 0, so the KL is too.
 // range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
-double exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+WA_INLINE double exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
   const double x = std::fabs(d) * range;
-  if (x <= kPhiSeriesMax) return std::log1p(centered_sum_series(p, v, C, d, m1));
+  if (x <= kPhiSeriesMax) return std::log1p(centered_sum_series(p, v, C, d, m1, x));
   if (x <= 30.0) return std::log1p(centered_sum_general(p, v, C, d, m1));
   double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp
   for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
@@ -66,7 +81,7 @@ double exact_kl(const double* p, const double* v, int64_t C, double d, double m1
 
 // Moment path (DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
 // Returns false when the truncation tail is not certified below kMomentCertTol x KL.
-bool moment_kl(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
+WA_INLINE bool moment_kl(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
   const double x = std::fabs(d) * vabs;
   if (x > 0.5) return false;
   const double m1 = m[0], m2 = m[stride];
@@ -84,7 +99,7 @@ bool moment_kl(const double* m, int64_t order, int64_t stride, double d, double 
   return true;
 }
 
-int64_t argmax_shifted(const double* l, const double* v, int64_t C, double d, int64_t unit) {
+WA_INLINE int64_t argmax_shifted(const double* l, const double* v, int64_t C, double d, int64_t unit) {
   int64_t best = 0;
   double best_val = -std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < C; ++c) {
@@ -118,6 +133,94 @@ SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C)
     }
   });
   return s;
+}
+
+// Everything the per-weight loop reads and writes (raw pointers into contiguous tensors).
+struct ScoreArgs {
+  const double *d, *probs, *logits, *head, *moments, *range, *vabs;
+  const int64_t *unit, *labels, *slot;
+  const SampleStats* st;
+  int64_t N, C, order, M;
+  bool want_flips;
+  double *loss, *kl, *cls;
+  int64_t *flips, *err, *corr;
+  bool* nonzero;
+};
+
+// Weights [begin, end): one clone per instruction set; the helpers above are inlined into it.
+WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
+  const int64_t N = a.N, C = a.C;
+  std::vector<int64_t> nz(N);  // the samples with d != 0 of one weight, found without a branch
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t i = a.unit[k];
+    const double* v = a.head ? a.head + i * C : nullptr;
+    const double range = a.range[i], vabs = a.vabs[i];
+    const int64_t slot = a.slot ? a.slot[i] : -1;
+    const double* dk = a.d + k * N;
+    int64_t cnt = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      nz[cnt] = n;
+      cnt += dk[n] != 0.0;
+    }
+    double sum_loss = 0.0, sum_kl = 0.0;
+    int64_t n_flips = 0, n_err = 0, n_corr = 0;
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t n = nz[j];
+      const double dd = dk[n];
+      const int64_t y = a.labels[n];
+      const double* p = a.probs + n * C;
+      double kl, dce;
+      if (v) {
+        double m1;
+        if (slot >= 0 && moment_kl(a.moments + slot * N + n, a.order, a.M * N, dd, vabs, &kl)) {
+          m1 = a.moments[slot * N + n];
+        } else {
+          m1 = dot(p, v, C);
+          kl = exact_kl(p, v, C, dd, m1, range);
+        }
+        dce = kl + dd * (m1 - v[y]);  // CE change = KL + d (E_p[v] - v_y)
+      } else {
+        const double pi = p[i];
+        const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
+        kl = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
+        dce = kl + dd * (i == y ? -qi : pi);
+      }
+      sum_loss += dce;
+      sum_kl += kl;
+      if (a.cls) a.cls[k * C + y] += dce;
+      if (a.want_flips && std::fabs(dd) * range >= a.st->margin[n]) {
+        const int64_t pred = a.st->top[n], now = argmax_shifted(a.logits + n * C, v, C, dd, i);
+        if (now != pred) {
+          ++n_flips;
+          n_err += (pred == y);
+          n_corr += (now == y);
+        }
+      }
+    }
+    a.loss[k] = sum_loss;
+    a.kl[k] = sum_kl;
+    a.flips[k] = n_flips;
+    a.err[k] = n_err;
+    a.corr[k] = n_corr;
+    a.nonzero[k] = cnt > 0;
+  }
+}
+
+// Per unit: range = max(v) - min(v) (bounds |d (v_c - m1)| / |d|) and max |v_c|; v = e_i for a
+// logits layer. Once per call instead of once per weight.
+void unit_bounds(const double* head, int64_t U, int64_t C, double* range, double* vabs) {
+  at::parallel_for(0, U, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      double vmin = 0.0, vmax = 1.0;
+      if (head) {
+        const double* v = head + i * C;
+        vmin = vmax = v[0];
+        for (int64_t c = 1; c < C; ++c) vmin = std::fmin(vmin, v[c]), vmax = std::fmax(vmax, v[c]);
+      }
+      range[i] = C > 1 ? vmax - vmin : 0.0;
+      vabs[i] = std::fmax(std::fabs(vmin), std::fabs(vmax));
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cpu(
@@ -181,71 +284,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t* sp = has_moments ? slot_c.data_ptr<int64_t>() : nullptr;
   const SampleStats st = sample_stats(lp, pp, N, C);
 
-  double* out_loss = dloss.data_ptr<double>();
-  double* out_kl = dkl.data_ptr<double>();
-  int64_t* out_flips = flips.data_ptr<int64_t>();
-  int64_t* out_err = new_err.data_ptr<int64_t>();
-  int64_t* out_corr = new_corr.data_ptr<int64_t>();
-  bool* out_nz = nonzero.data_ptr<bool>();
-  double* out_cls = by_class ? class_loss.data_ptr<double>() : nullptr;
-
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t i = up[k];
-      const double* v = has_head ? hp + i * C : nullptr;
-      double vmin = 0.0, vmax = 1.0;  // logits layer: v = e_i
-      if (v) {
-        vmin = vmax = v[0];
-        for (int64_t c = 1; c < C; ++c) vmin = std::fmin(vmin, v[c]), vmax = std::fmax(vmax, v[c]);
-      }
-      const double range = C > 1 ? vmax - vmin : 0.0;
-      const double vabs = std::fmax(std::fabs(vmin), std::fabs(vmax));
-      const int64_t slot = sp ? sp[i] : -1;
-      double sum_loss = 0.0, sum_kl = 0.0;
-      int64_t n_flips = 0, n_err = 0, n_corr = 0;
-      bool any = false;
-      for (int64_t n = 0; n < N; ++n) {
-        const double dd = dp[k * N + n];
-        if (dd == 0.0) continue;
-        any = true;
-        const int64_t y = yp[n];
-        const double* p = pp + n * C;
-        double kl, dce;
-        if (v) {
-          double m1;
-          if (slot >= 0 && moment_kl(mp + slot * N + n, order, M * N, dd, vabs, &kl)) {
-            m1 = mp[slot * N + n];
-          } else {
-            m1 = dot(p, v, C);
-            kl = exact_kl(p, v, C, dd, m1, range);
-          }
-          dce = kl + dd * (m1 - v[y]);  // CE change = KL + d (E_p[v] - v_y)
-        } else {
-          const double pi = p[i];
-          const double qi = (i == st.top[n] && pi > 0.5) ? st.q_top[n] : 1.0 - pi;
-          kl = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
-          dce = kl + dd * (i == y ? -qi : pi);
-        }
-        sum_loss += dce;
-        sum_kl += kl;
-        if (out_cls) out_cls[k * C + y] += dce;
-        if (want_flips && std::fabs(dd) * range >= st.margin[n]) {
-          const int64_t pred = st.top[n], now = argmax_shifted(lp + n * C, v, C, dd, i);
-          if (now != pred) {
-            ++n_flips;
-            n_err += (pred == y);
-            n_corr += (now == y);
-          }
-        }
-      }
-      out_loss[k] = sum_loss;
-      out_kl[k] = sum_kl;
-      out_flips[k] = n_flips;
-      out_err[k] = n_err;
-      out_corr[k] = n_corr;
-      out_nz[k] = any;
-    }
-  });
+  std::vector<double> range(U), vabs(U);
+  unit_bounds(hp, U, C, range.data(), vabs.data());
+  ScoreArgs args{dp, pp, lp, hp, mp, range.data(), vabs.data(), up, yp, sp, &st, N, C, order, M, want_flips,
+                 dloss.data_ptr<double>(), dkl.data_ptr<double>(), by_class ? class_loss.data_ptr<double>() : nullptr,
+                 flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(),
+                 nonzero.data_ptr<bool>()};
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) { score_rows(args, begin, end); });
   return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
 }
 

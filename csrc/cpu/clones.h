@@ -1,0 +1,16 @@
+// CPU-only: compile a hot function once per instruction set, picked at load time (AVX-512 here,
+// AVX2 or SSE elsewhere). Put it on the outer kernel function only: helpers it calls are inlined
+// into each clone (a clone on a helper would make every call indirect and never inlined).
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define WA_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#else
+#define WA_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define WA_INLINE inline __attribute__((always_inline))
+#else
+#define WA_INLINE inline
+#endif
