@@ -124,6 +124,7 @@ def test_digits_model_is_deterministic_and_cached(cache_home):
 @pytest.mark.parametrize("argv, layer, shape", [
     (["--model", "resnet18", "--image-size", "32"], "fc", (3, 512)),
     (["--model", "alexnet", "--image-size", "64", "--layer", "classifier.4"], "classifier.4", (4096, 4096)),
+    (["--model", "resnet18", "--image-size", "32", "--layer", "layer4.1.conv2"], "layer4.1.conv2", (512, 4608)),
 ])
 def test_torchvision_model_on_image_folder(tmp_path, image_folder, argv, layer, shape):
     out = tmp_path / "out"

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     run = sub.add_parser(
-        "run", help="ablate the weights of one Linear layer and summarise",
-        description="Zero each chosen weight of one Linear layer, alone, and measure the exact change of the "
+        "run", help="ablate the weights of one Linear or Conv2d layer and summarise",
+        description="Zero each chosen weight of one Linear or Conv2d layer, alone, and measure the exact change of the "
                     "loss, KL and predictions over the dataset. Without arguments: a small MLP trained on "
                     "scikit-learn's digits (cached), every weight of fc2, on the test split and on a train subset "
                     "of the same size.")
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", type=Path, help="a state dict (torch.save) loaded into the model")
     run.add_argument("--data", default="digits",
                      help="'digits' (default; scikit-learn's bundled digits) or a torchvision ImageFolder directory")
-    run.add_argument("--layer", help="dotted name of the nn.Linear to ablate. Default: fc2 for the digits MLP, "
-                                     "else the second-to-last Linear (the last when there is only one)")
+    run.add_argument("--layer", help="dotted name of the nn.Linear or nn.Conv2d to ablate. Default: fc2 for the "
+                                     "digits MLP, else the second-to-last Linear (the last when there is only one)")
     run.add_argument("--weights", type=_weights_arg, default=_DEFAULT, metavar="K",
                      help=f"how many weights to draw (with --seed), or 'all'. Default: all for the digits MLP, "
                           f"else {DEFAULT_K} (all if fewer)")
@@ -305,12 +305,13 @@ def _run(args, distributed) -> int:
     try:
         target = model.get_submodule(layer)
     except AttributeError:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise CLIError(f"--layer {layer!r} is not a module of the model; its Linear layers are: {names}") from None
-    if not isinstance(target, nn.Linear):
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise CLIError(f"--layer {layer!r} is a {type(target).__name__}, not an nn.Linear; "
-                       f"the model's Linear layers are: {names}")
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise CLIError(f"--layer {layer!r} is not a module of the model; its Linear and Conv2d layers are: "
+                       f"{names}") from None
+    if not isinstance(target, (nn.Linear, nn.Conv2d)):
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise CLIError(f"--layer {layer!r} is a {type(target).__name__}, not an nn.Linear or nn.Conv2d; "
+                       f"the model's Linear and Conv2d layers are: {names}")
     numel = target.weight.numel()
     if args.weights is _DEFAULT:
         k = None if default_model else min(DEFAULT_K, numel)
