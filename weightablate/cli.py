@@ -10,6 +10,7 @@ Writes ``results.npz`` (``weightablate.load``), ``results_train.npz`` (digits da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -244,6 +245,40 @@ def _device(args) -> torch.device:
     return torch.device(kind)
 
 
+def model_and_folder(args, log, main_first=contextlib.nullcontext):
+    """The options every command shares (--model, --checkpoint, --data, --image-size, --device,
+    --seed): (model on its device in eval mode, its description, the ImageFolder or None for
+    digits, the device). main_first: a context in which only rank 0 trains the digits default."""
+    from . import digits as dg
+
+    folder = None
+    if args.data != "digits":
+        path = Path(args.data)
+        if not path.is_dir():
+            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
+        if args.model is None:
+            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
+        folder = image_folder(path, args.image_size)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
+    device = _device(args)
+    if args.model is None:
+        if args.checkpoint is not None:
+            model = dg.digits_mlp()
+        else:
+            started = time.perf_counter()
+            with main_first():  # under torchrun rank 0 trains and caches, the others read the cache
+                model = dg.digits_model(args.seed, cache=True, log=log)
+            log(f"digits MLP ready in {time.perf_counter() - started:.1f} s")
+        desc = "digits MLP 64-256-256-10"
+    else:
+        model = build_model(args.model, dg.N_CLASSES if folder is None else len(folder.classes))
+        desc = args.model
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    return model.to(device).eval(), desc, folder, device
+
+
 def cmd_run(args) -> int:
     from . import distributed
 
@@ -267,38 +302,9 @@ def _run(args, distributed) -> int:
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     progress = False if quiet else None
     on_digits = args.data == "digits"
-    folder = None
-    if not on_digits:
-        path = Path(args.data)
-        if not path.is_dir():
-            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
-        if args.model is None:
-            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
-        folder = image_folder(path, args.image_size)
-        num_classes = len(folder.classes)
-    else:
-        num_classes = dg.N_CLASSES
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
-    device = _device(args)
-
-    # model
     default_model = args.model is None
-    if default_model:
-        if args.checkpoint is not None:
-            model = dg.digits_mlp()
-        else:
-            started = time.perf_counter()
-            with distributed.main_first():  # rank 0 trains and caches, the others read the cache
-                model = dg.digits_model(args.seed, cache=True, log=log)
-            log(f"digits MLP ready in {time.perf_counter() - started:.1f} s")
-        model_desc = "digits MLP 64-256-256-10"
-    else:
-        model = build_model(args.model, num_classes)
-        model_desc = args.model
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
+    model, model_desc, folder, device = model_and_folder(args, log, distributed.main_first)
+    num_classes = dg.N_CLASSES if folder is None else len(folder.classes)
 
     # layer and weights
     layer = args.layer or (dg.DEFAULT_LAYER if default_model else default_layer(model))
@@ -447,36 +453,14 @@ def cmd_prune(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.epochs < 0:
         raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
     on_digits = args.data == "digits"
-    device = _device(args)
-    default_model = args.model is None
-    if on_digits:
-        if args.eval_data is not None:
-            raise CLIError("--eval-data goes with an ImageFolder --data (digits evaluates on its test split)")
-        num_classes = dg.N_CLASSES
-    else:
-        path = Path(args.data)
-        if not path.is_dir():
-            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
-        if default_model:
-            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
-        folder = image_folder(path, args.image_size)
+    if on_digits and args.eval_data is not None:
+        raise CLIError("--eval-data goes with an ImageFolder --data (digits evaluates on its test split)")
+    model, model_desc, folder, device = model_and_folder(args, log)
+    if not on_digits:
         eval_folder = folder if args.eval_data is None else image_folder(Path(args.eval_data), args.image_size)
-        num_classes = len(folder.classes)
-        if len(eval_folder.classes) != num_classes:
-            raise CLIError(f"--eval-data has {len(eval_folder.classes)} classes, --data {num_classes}")
-
-    if default_model:
-        model = dg.digits_mlp() if args.checkpoint is not None else dg.digits_model(args.seed, cache=True, log=log)
-        model_desc = "digits MLP 64-256-256-10"
-    else:
-        model = build_model(args.model, num_classes)
-        model_desc = args.model
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
+        if len(eval_folder.classes) != len(folder.classes):
+            raise CLIError(f"--eval-data has {len(eval_folder.classes)} classes, --data {len(folder.classes)}")
 
     if on_digits:
         X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)

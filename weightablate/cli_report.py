@@ -192,33 +192,11 @@ def by_class_ok(n_weights: int, n_classes: int) -> bool:
 def _model_and_data(args, log):
     """The model and data of `run`'s options: (model, default layer, data, description)."""
     from . import digits as dg
-    from .cli import CLIError, _device, build_model, default_layer, image_folder, load_checkpoint
+    from .cli import default_layer, model_and_folder
 
     on_digits = args.data == "digits"
-    if not on_digits:
-        path = Path(args.data)
-        if not path.is_dir():
-            raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
-        if args.model is None:
-            raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
-        folder = image_folder(path, args.image_size)
-        num_classes = len(folder.classes)
-    else:
-        num_classes = dg.N_CLASSES
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
-    device = _device(args)
-    if args.model is None:
-        model = dg.digits_mlp() if args.checkpoint is not None else dg.digits_model(args.seed, cache=True, log=log)
-        default = dg.DEFAULT_LAYER
-    else:
-        model = build_model(args.model, num_classes)
-        default = None
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
-    if default is None:
-        default = default_layer(model)
+    model, _, folder, device = model_and_folder(args, log)
+    default = dg.DEFAULT_LAYER if args.model is None else default_layer(model)
     if on_digits:
         X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)
         X, y = (X_te, y_te) if args.split == "test" else (X_tr, y_tr)
