@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -84,6 +85,33 @@ WA_INLINE double exact_kl(const double* p, const double* v, int64_t C, double d,
   return mx + std::log(s);
 }
 
+// 1/k, k = 0..20 (0 unused): multiplications instead of divisions in the moment path.
+constexpr double kInv[21] = {0.0,       1.0,        1.0 / 2,  1.0 / 3,  1.0 / 4,  1.0 / 5,  1.0 / 6,
+                             1.0 / 7,   1.0 / 8,    1.0 / 9,  1.0 / 10, 1.0 / 11, 1.0 / 12, 1.0 / 13,
+                             1.0 / 14,  1.0 / 15,   1.0 / 16, 1.0 / 17, 1.0 / 18, 1.0 / 19, 1.0 / 20};
+WA_INLINE double inv(int64_t k) { return k <= 20 ? kInv[k] : 1.0 / static_cast<double>(k); }
+
+// log1p(s) - s = sum_{k=2..Deg} (-1)^(k+1) s^k / k (Horner, as numerics.h's log1p_minus).
+template <int Deg>
+WA_INLINE double log1p_minus_poly(double s) {
+  double acc = ((Deg % 2 == 0) ? -1.0 : 1.0) * kInv[Deg];
+#pragma GCC unroll 20
+  for (int k = Deg - 1; k >= 2; --k) acc = acc * s + ((k % 2 == 0) ? -kInv[k] : kInv[k]);
+  return acc * s * s;
+}
+
+// numerics.h's log1p_minus with the fewest terms whose truncation stays below 1e-18 relative for
+// |s| up to the bound (Deg 5: 4.2e-5, 7: 1.26e-3, 9: 6.9e-3, 12: 2.7e-2, 19: 0.1; mpmath).
+WA_INLINE double log1p_minus_tiered(double s) {
+  const double a = std::fabs(s);
+  if (a <= 4e-5) return log1p_minus_poly<5>(s);
+  if (a <= 1.2e-3) return log1p_minus_poly<7>(s);
+  if (a <= 6.5e-3) return log1p_minus_poly<9>(s);
+  if (a <= 2.7e-2) return log1p_minus_poly<12>(s);
+  if (a < 0.1) return log1p_minus_poly<19>(s);
+  return std::log1p(s) - s;
+}
+
 // Moment path (DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
 // Returns false when the truncation tail is not certified below kMomentCertTol x KL.
 WA_INLINE bool moment_kl(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
@@ -93,14 +121,14 @@ WA_INLINE bool moment_kl(const double* m, int64_t order, int64_t stride, double 
   const double var = m2 - m1 * m1;
   if (!(var > kMomentMinVarRatio * m2)) return false;
   double tail = 1.6487212707001282;  // e^0.5 >= e^x
-  for (int64_t k = 1; k <= order + 1; ++k) tail *= x / k;
+  for (int64_t k = 1; k <= order + 1; ++k) tail *= x * inv(k);
   if (!(tail <= kMomentCertTol * 0.5 * d * d * var)) return false;
   double s2 = 0.0, dk = d * d * 0.5;
   for (int64_t k = 2; k <= order; ++k) {
     s2 += dk * m[(k - 1) * stride];
-    dk *= d / (k + 1);
+    dk *= d * inv(k + 1);
   }
-  *kl = s2 + log1p_minus(d * m1 + s2);
+  *kl = s2 + log1p_minus_tiered(d * m1 + s2);
   return true;
 }
 
@@ -140,9 +168,31 @@ SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C)
   return s;
 }
 
+// Small C (digits: 10 classes): an O(C) loop across classes is too short to vectorise, so the
+// exact path runs across kLanes samples of one weight instead, reading probs transposed (C, N).
+constexpr int64_t kSmallC = 32;
+constexpr int kLanes = 8;
+
+// t[j] = sum_c p_c phi(d_j (v_c - m1_j)), r[j] = sum_c p_c (v_c - m1_j) for the lanes' samples.
+template <int Deg>
+WA_INLINE void lanes_series(const double* pt, int64_t N, const double* v, int64_t C, const int64_t* idx,
+                            const double* dd, const double* m1, double* t, double* r) {
+  for (int j = 0; j < kLanes; ++j) t[j] = r[j] = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double vc = v[c];
+    const double* pc = pt + c * N;
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const double p = pc[idx[j]], w = vc - m1[j];
+      t[j] += p * phi_poly<Deg>(dd[j] * w);
+      r[j] += p * w;
+    }
+  }
+}
+
 // Everything the per-weight loop reads and writes (raw pointers into contiguous tensors).
 struct ScoreArgs {
-  const double *d, *probs, *logits, *head, *moments, *range, *vabs;
+  const double *d, *probs, *probs_t, *logits, *head, *moments, *range, *vabs;
   const int64_t *unit, *labels, *slot;
   const SampleStats* st;
   int64_t N, C, order, M;
@@ -169,7 +219,55 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
     }
     double sum_loss = 0.0, sum_kl = 0.0;
     int64_t n_flips = 0, n_err = 0, n_corr = 0;
-    for (int64_t j = 0; j < cnt; ++j) {
+    // one sample's dCE and KL are done: add them up, count a flip
+    auto finish = [&](int64_t n, double dd, double dce, double kl) {
+      const int64_t y = a.labels[n];
+      sum_loss += dce;
+      sum_kl += kl;
+      if (a.cls) a.cls[k * C + y] += dce;
+      if (a.want_flips && std::fabs(dd) * range >= a.st->margin[n]) {
+        const int64_t pred = a.st->top[n], now = argmax_shifted(a.logits + n * C, v, C, dd, i);
+        if (now != pred) {
+          ++n_flips;
+          n_err += (pred == y);
+          n_corr += (now == y);
+        }
+      }
+    };
+    int64_t first = 0;  // samples nz[first..cnt) take the per-sample loop below
+    if (v && a.probs_t && slot < 0) {
+      first = cnt;
+      for (int64_t b = 0; b < cnt; b += kLanes) {
+        const int nl = static_cast<int>(std::min<int64_t>(kLanes, cnt - b));
+        int64_t idx[kLanes];
+        double dd[kLanes], m1[kLanes], t[kLanes], r[kLanes], xmax = 0.0;
+        for (int j = 0; j < kLanes; ++j) {
+          idx[j] = nz[b + (j < nl ? j : 0)];  // idle lanes repeat a sample with d = 0
+          dd[j] = j < nl ? dk[idx[j]] : 0.0;
+          m1[j] = 0.0;
+          xmax = std::fmax(xmax, std::fabs(dd[j]) * range);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const double vc = v[c];
+          const double* pc = a.probs_t + c * N;
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) m1[j] += pc[idx[j]] * vc;
+        }
+        // one Horner degree for the lanes, from their largest bound (as centered_sum_series)
+        if (xmax <= 1e-4) lanes_series<5>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 5e-3) lanes_series<7>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 3e-2) lanes_series<9>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 0.1) lanes_series<11>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= kPhiSeriesMax) lanes_series<14>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        for (int j = 0; j < nl; ++j) {
+          const int64_t n = idx[j];
+          const double kl = xmax <= kPhiSeriesMax ? std::log1p(t[j] + dd[j] * r[j])
+                                                  : exact_kl(a.probs + n * C, v, C, dd[j], m1[j], range);
+          finish(n, dd[j], kl + dd[j] * (m1[j] - v[a.labels[n]]), kl);
+        }
+      }
+    }
+    for (int64_t j = first; j < cnt; ++j) {
       const int64_t n = nz[j];
       const double dd = dk[n];
       const int64_t y = a.labels[n];
@@ -190,17 +288,7 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
         kl = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
         dce = kl + dd * (i == y ? -qi : pi);
       }
-      sum_loss += dce;
-      sum_kl += kl;
-      if (a.cls) a.cls[k * C + y] += dce;
-      if (a.want_flips && std::fabs(dd) * range >= a.st->margin[n]) {
-        const int64_t pred = a.st->top[n], now = argmax_shifted(a.logits + n * C, v, C, dd, i);
-        if (now != pred) {
-          ++n_flips;
-          n_err += (pred == y);
-          n_corr += (now == y);
-        }
-      }
+      finish(n, dd, dce, kl);
     }
     a.loss[k] = sum_loss;
     a.kl[k] = sum_kl;
@@ -291,7 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   std::vector<double> range(U), vabs(U);
   unit_bounds(hp, U, C, range.data(), vabs.data());
-  ScoreArgs args{dp, pp, lp, hp, mp, range.data(), vabs.data(), up, yp, sp, &st, N, C, order, M, want_flips,
+  at::Tensor probs_t;
+  if (has_head && C <= kSmallC) probs_t = p_c.t().contiguous();
+  ScoreArgs args{dp, pp, probs_t.defined() ? probs_t.data_ptr<double>() : nullptr, lp, hp, mp, range.data(), vabs.data(), up, yp, sp, &st, N, C, order, M, want_flips,
                  dloss.data_ptr<double>(), dkl.data_ptr<double>(), by_class ? class_loss.data_ptr<double>() : nullptr,
                  flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(),
                  nonzero.data_ptr<bool>()};
