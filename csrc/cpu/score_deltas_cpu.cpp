@@ -39,52 +39,6 @@ WA_INLINE double phi_poly(double x) {
   return s * x * x;
 }
 
-// sum_c p_c phi(d (v_c - m1)) + d sum_c p_c (v_c - m1), every |d (v_c - m1)| <= x.
-template <int Deg>
-WA_INLINE double centered_sum_deg(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0, r = 0.0;
-#pragma omp simd reduction(+ : t, r)
-  for (int64_t c = 0; c < C; ++c) {
-    const double w = v[c] - m1;
-    t += p[c] * phi_poly<Deg>(d * w);
-    r += p[c] * w;
-  }
-  return t + d * r;
-}
-
-// The fewest Horner terms whose truncation stays below 1e-18 relative to phi(x) for |x| <= bound
-// (Deg 5: 1.38e-4, 7: 5.2e-3, 9: 3.4e-2, 11: 0.109, 14: 0.25; mpmath); most pairs have x << 0.25.
-WA_INLINE double centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1, double x) {
-  if (x <= 1e-4) return centered_sum_deg<5>(p, v, C, d, m1);
-  if (x <= 5e-3) return centered_sum_deg<7>(p, v, C, d, m1);
-  if (x <= 3e-2) return centered_sum_deg<9>(p, v, C, d, m1);
-  if (x <= 0.1) return centered_sum_deg<11>(p, v, C, d, m1);
-  return centered_sum_deg<14>(p, v, C, d, m1);
-}
-
-double centered_sum_general(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0, r = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    const double w = v[c] - m1;
-    t += p[c] * phi(d * w);
-    r += p[c] * w;
-  }
-  return t + d * r;
-}
-
-// KL(p || softmax(l + d v)) = log sum_c p_c exp(d (v_c - m1)), without cancellation.
-// range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
-WA_INLINE double exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
-  const double x = std::fabs(d) * range;
-  if (x <= kPhiSeriesMax) return std::log1p(centered_sum_series(p, v, C, d, m1, x));
-  if (x <= 30.0) return std::log1p(centered_sum_general(p, v, C, d, m1));
-  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp
-  for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
-  double s = 0.0;
-  for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
-  return mx + std::log(s);
-}
-
 // 1/k, k = 0..20 (0 unused): multiplications instead of divisions in the moment path.
 constexpr double kInv[21] = {0.0,       1.0,        1.0 / 2,  1.0 / 3,  1.0 / 4,  1.0 / 5,  1.0 / 6,
                              1.0 / 7,   1.0 / 8,    1.0 / 9,  1.0 / 10, 1.0 / 11, 1.0 / 12, 1.0 / 13,
@@ -110,6 +64,71 @@ WA_INLINE double log1p_minus_tiered(double s) {
   if (a <= 2.7e-2) return log1p_minus_poly<12>(s);
   if (a < 0.1) return log1p_minus_poly<19>(s);
   return std::log1p(s) - s;
+}
+
+// One pair's exact O(C) result, shifted by m1 (E_p[v] up to rounding): lse = log sum_c p_c e^(d (v_c - m1))
+// gives dCE = lse + d (m1 - v_y) exactly; kl = lse - d r with r = sum_c p_c (v_c - m1) = E_p[v] - m1, so
+// the rounding of m1 drops out of the KL (it would decide the sign of a tiny KL otherwise).
+struct Shifted {
+  double lse, kl;
+};
+
+// From t = sum_c p_c phi(d w_c) >= 0 and r: S = t + d r = sum_c p_c (e^(d w_c) - 1), lse = log1p(S),
+// kl = t + (log1p(S) - S) for small S; log1p(S) - d r for large S, where the first form would cancel.
+WA_INLINE Shifted from_sums(double t, double r, double d) {
+  const double s = t + d * r;
+  if (std::fabs(s) >= 0.1) {
+    const double lse = std::log1p(s);
+    return {lse, lse - d * r};
+  }
+  const double lm = log1p_minus_tiered(s);
+  return {s + lm, t + lm};
+}
+
+// t and r over the classes, every |d (v_c - m1)| <= the bound Deg is chosen for.
+template <int Deg>
+WA_INLINE Shifted centered_sum_deg(const double* p, const double* v, int64_t C, double d, double m1) {
+  double t = 0.0, r = 0.0;
+#pragma omp simd reduction(+ : t, r)
+  for (int64_t c = 0; c < C; ++c) {
+    const double w = v[c] - m1;
+    t += p[c] * phi_poly<Deg>(d * w);
+    r += p[c] * w;
+  }
+  return from_sums(t, r, d);
+}
+
+// The fewest Horner terms whose truncation stays below 1e-18 relative to phi(x) for |x| <= bound
+// (Deg 5: 1.38e-4, 7: 5.2e-3, 9: 3.4e-2, 11: 0.109, 14: 0.25; mpmath); most pairs have x << 0.25.
+WA_INLINE Shifted centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1, double x) {
+  if (x <= 1e-4) return centered_sum_deg<5>(p, v, C, d, m1);
+  if (x <= 5e-3) return centered_sum_deg<7>(p, v, C, d, m1);
+  if (x <= 3e-2) return centered_sum_deg<9>(p, v, C, d, m1);
+  if (x <= 0.1) return centered_sum_deg<11>(p, v, C, d, m1);
+  return centered_sum_deg<14>(p, v, C, d, m1);
+}
+
+Shifted centered_sum_general(const double* p, const double* v, int64_t C, double d, double m1) {
+  double t = 0.0, r = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double w = v[c] - m1;
+    t += p[c] * phi(d * w);
+    r += p[c] * w;
+  }
+  return from_sums(t, r, d);
+}
+
+// The pair's Shifted without cancellation; range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
+WA_INLINE Shifted exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+  const double x = std::fabs(d) * range;
+  if (x <= kPhiSeriesMax) return centered_sum_series(p, v, C, d, m1, x);
+  if (x <= 30.0) return centered_sum_general(p, v, C, d, m1);
+  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp (KL >> the rounding of m1)
+  for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
+  double s = 0.0;
+  for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
+  const double lse = mx + std::log(s);
+  return {lse, lse};
 }
 
 // Moment path (DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
@@ -261,9 +280,9 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
         else if (xmax <= kPhiSeriesMax) lanes_series<14>(a.probs_t, N, v, C, idx, dd, m1, t, r);
         for (int j = 0; j < nl; ++j) {
           const int64_t n = idx[j];
-          const double kl = xmax <= kPhiSeriesMax ? std::log1p(t[j] + dd[j] * r[j])
+          const Shifted e = xmax <= kPhiSeriesMax ? from_sums(t[j], r[j], dd[j])
                                                   : exact_kl(a.probs + n * C, v, C, dd[j], m1[j], range);
-          finish(n, dd[j], kl + dd[j] * (m1[j] - v[a.labels[n]]), kl);
+          finish(n, dd[j], e.lse + dd[j] * (m1[j] - v[a.labels[n]]), e.kl);
         }
       }
     }
@@ -274,14 +293,14 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
       const double* p = a.probs + n * C;
       double kl, dce;
       if (v) {
-        double m1;
         if (slot >= 0 && moment_kl(a.moments + slot * N + n, a.order, a.M * N, dd, vabs, &kl)) {
-          m1 = a.moments[slot * N + n];
+          dce = kl + dd * (a.moments[slot * N + n] - v[y]);  // CE change = KL + d (E_p[v] - v_y)
         } else {
-          m1 = dot(p, v, C);
-          kl = exact_kl(p, v, C, dd, m1, range);
+          const double m1 = dot(p, v, C);
+          const Shifted e = exact_kl(p, v, C, dd, m1, range);
+          kl = e.kl;
+          dce = e.lse + dd * (m1 - v[y]);
         }
-        dce = kl + dd * (m1 - v[y]);  // CE change = KL + d (E_p[v] - v_y)
       } else {
         const double pi = p[i];
         const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
