@@ -82,13 +82,14 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             restored and its weights are never changed (bit-identical after the call).
         layer: dotted name (``"classifier.4"``) or the ``nn.Linear`` module itself.
         data: a DataLoader, any iterable of ``(inputs, labels)`` batches, or a tuple ``(X, y)``.
-        weights: None (every weight), an int K (K distinct weights drawn with ``seed``), a 1-D
+        weights: None (every weight), an int K (K distinct weights drawn uniformly with ``seed``), a 1-D
             integer tensor of flat indices into ``layer.weight``, or a pair ``(rows, cols)``.
         metrics: any of "loss", "kl", "flips"; the others are None in the result.
         backend: "auto" (compiled kernel for the device if built, else "torch"), "cpu", "cuda",
             "torch" (pure-PyTorch reference) or "naive" (zero, evaluate, restore).
         mode: "auto" uses the O(D) moment path where its truncation error is certified below
-            1e-10 of each pair's KL, else the O(C) loop; "exact" always takes the O(C) loop.
+            1e-10 of each pair's KL, else the O(C) loop (the cpu kernel: the O(C) loop for every pair
+            below 16 classes, where it is faster); "exact" always takes the O(C) loop.
         precision: "model" captures activations in the model's own dtype (one forward per batch);
             "float64" runs the captures on a float64 copy of the model, so the results agree with
             the naive loop run in float64 to ~1e-10 (costs a float64 forward and a model copy).
