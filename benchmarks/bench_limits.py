@@ -6,7 +6,7 @@ Counted (not timed), with the library's own building blocks, on the benchmarked 
 * moments: ``2 N C M D`` for the M units that get raw moments (float64 GEMMs, D = 6);
 * per pair (float64): ``PAIR_DELTA_FLOPS`` for every (weight, sample) in stage 1; for each pair with
   d != 0, ``MOMENT_PAIR_FLOPS`` when its moment-path truncation is certified, otherwise the exact
-  O(C) loop at ``EXACT_FLOPS_PER_CLASS x C``; and ``FLIP_FLOPS_PER_CLASS x C`` for each pair the
+  O(C) loop at ``exact_flops_per_class(x) x C`` (its Horner degree from x = |d| range); and ``FLIP_FLOPS_PER_CLASS x C`` for each pair the
   margin test does not prune (the O(C) argmax).
 
 "Time at peak" = capture FLOPs / float32 matmul rate + (moment + pair FLOPs) / float64 matmul rate,
@@ -20,7 +20,17 @@ from torch import nn
 
 PAIR_DELTA_FLOPS = 4  # w*a, g*z + s, u + du, the ReLU branch
 MOMENT_PAIR_FLOPS = 70  # |d| vabs, var, truncation tail (2(D+1)), series (3(D-1)), log1p_minus (~38)
-EXACT_FLOPS_PER_CLASS = 36  # dot (2) + centred phi series: v-m1, d*w, 13-term Horner (26), 2 products, 2 sums
+# dot (2) + centred phi series: v-m1, d*w, Horner of Deg - 1 terms (2 each), 2 products, 2 sums; the
+# kernel picks Deg from the pair's x = |d| * range (score_deltas_cpu.cpp): 5, 7, 9, 11 or 14 terms
+EXACT_FLOPS_BASE = 10
+HORNER_TIERS = ((1e-4, 5), (5e-3, 7), (3e-2, 9), (0.1, 11), (float("inf"), 14))
+
+
+def exact_flops_per_class(x: torch.Tensor) -> torch.Tensor:
+    deg = torch.full_like(x, 14.0)
+    for bound, d in reversed(HORNER_TIERS):
+        deg = torch.where(x <= bound, float(d), deg)
+    return EXACT_FLOPS_BASE + 2 * (deg - 1)
 FLIP_FLOPS_PER_CLASS = 3  # l + d v, compare
 
 
@@ -43,7 +53,8 @@ def count_flops(wl, weights) -> dict:
     if head.kind != "piecewise":
         return {}
     V = head.rows()  # (I, C) float64
-    slot = closed_form._moment_slots(head, rows, I, "auto", torch.device("cpu"))
+    mode = "exact" if C < closed_form.MOMENT_MIN_CLASSES else "auto"  # as ClosedForm.prepare decides for cpu
+    slot = closed_form._moment_slots(head, rows, I, mode, torch.device("cpu"))
     M = int((slot >= 0).sum()) if slot is not None else 0
     D = closed_form.MOMENT_ORDER
     logits = cap.logits.double()
@@ -55,6 +66,7 @@ def count_flops(wl, weights) -> dict:
     vrange, vabs = vmax - vmin, torch.maximum(vmax.abs(), vmin.abs())
     a_t, z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
     n_nonzero = n_moment = n_flip_cand = 0
+    exact_flops = 0.0
     step = max(1, (64 << 20) // (8 * N))
     for s in range(0, flat.numel(), step):
         r, c = rows[s:s + step], cols[s:s + step]
@@ -63,23 +75,26 @@ def count_flops(wl, weights) -> dict:
         dd, i = d[k, n], r[k]
         n_nonzero += dd.numel()
         n_flip_cand += int((dd.abs() * vrange[i] >= margin[n]).sum())
+        exact = torch.ones_like(dd, dtype=torch.bool)
         if moments is not None:
             has = slot[i] >= 0
             if has.any():
                 m = moments[:, slot[i][has], n[has]]
                 _, _, ok = ref._moment_kl(m, dd[has], vabs[i][has])
                 n_moment += int(ok.sum())
+                exact[has.nonzero()[:, 0][ok]] = False
+        exact_flops += float(exact_flops_per_class(dd[exact].abs() * vrange[i][exact]).sum()) * C
     n_exact = n_nonzero - n_moment
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     capture_flops = 2 * N * sum(m.in_features * m.out_features for m in linears)
     moment_flops = 2 * N * C * M * D
     pair_flops = (flat.numel() * N * PAIR_DELTA_FLOPS + n_moment * MOMENT_PAIR_FLOPS
-                  + n_exact * EXACT_FLOPS_PER_CLASS * C + n_flip_cand * FLIP_FLOPS_PER_CLASS * C)
+                  + exact_flops + n_flip_cand * FLIP_FLOPS_PER_CLASS * C)
     return {"weights": flat.numel(), "samples": N, "classes": C, "moment_units": M, "moment_order": D,
             "pairs": flat.numel() * N, "pairs_nonzero": n_nonzero, "pairs_moment_path": n_moment,
             "pairs_exact_path": n_exact, "pairs_flip_candidates": n_flip_cand,
             "capture_flops": capture_flops, "moment_flops": moment_flops, "pair_flops": pair_flops,
-            "pair_flops_exact_path": n_exact * EXACT_FLOPS_PER_CLASS * C}
+            "pair_flops_exact_path": exact_flops}
 
 
 def arithmetic_limit(wl, weights, gflops: dict) -> dict | None:

@@ -138,6 +138,7 @@ def test_moment_path_agrees_with_exact_loop(monkeypatch):
     calls = []
     real = closed_form._moments
     monkeypatch.setattr(closed_form, "_moments", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(closed_form, "MOMENT_MIN_CLASSES", 1)  # digits has 10 classes
     for backend in BACKENDS:
         auto = wa.ablate(model, layer, (X, y), backend=backend, precision="float64")
         exact = wa.ablate(model, layer, (X, y), backend=backend, mode="exact", precision="float64")
@@ -145,6 +146,23 @@ def test_moment_path_agrees_with_exact_loop(monkeypatch):
         assert torch.allclose(auto.delta_kl, exact.delta_kl, rtol=1e-8, atol=1e-15)
         assert torch.equal(auto.flips, exact.flips)
     assert calls, "the moment path did not run"
+
+
+def test_few_classes_skip_the_moment_path(monkeypatch):
+    """Below MOMENT_MIN_CLASSES mode="auto" scores every pair by the O(C) loop: no moments."""
+    torch.manual_seed(3)
+    X, y = digits(60)
+    model, layer = make("relu")
+    calls = []
+    real = closed_form._moments
+    monkeypatch.setattr(closed_form, "_moments", lambda *a: calls.append(a[1]) or real(*a))
+    auto = wa.ablate(model, layer, (X, y), backend="cpu")
+    assert not calls, "10 classes took the moment path"
+    exact = wa.ablate(model, layer, (X, y), backend="cpu", mode="exact")
+    assert torch.equal(auto.delta_loss, exact.delta_loss)
+    monkeypatch.setattr(closed_form, "MOMENT_MIN_CLASSES", 10)
+    wa.ablate(model, layer, (X, y), backend="cpu")
+    assert calls, "the gate, not something else, kept the moments out"
 
 
 def test_exact_zeros_are_reported():

@@ -71,16 +71,23 @@ def _moment_kl(m, d, vabs):
 
 
 def _exact_kl(p, v, d):
-    """KL(p || softmax(l + d v)) over (B, C) blocks, and m1 = E_p v."""
+    """KL(p || softmax(l + d v)) over (B, C) blocks, and m1 = E_p v.
+
+    With m1 rounded, t = sum p phi(d w) and r = sum p w = E_p v - m1 (rounding-sized), w = v - m1:
+    S = t + d r = sum p (e^(d w) - 1) and KL = log1p(S) - d r, so the rounding of m1 does not reach
+    the KL (it can flip the sign of a tiny one); m1 + r is the better mean. (The cpu kernel computes
+    the same KL as t + (log1p(S) - S) for small S: no log1p call there.)"""
     m1 = (p * v).sum(1)
     w = v - m1[:, None]
     x = d[:, None] * w
-    kl = torch.log1p((p * phi(x)).sum(1))  # sum_c p_c x_c = 0 exactly: left out (score_deltas_cpu.cpp)
+    t, r = (p * phi(x)).sum(1), (p * w).sum(1)
+    s = t + d * r
+    kl, mean = torch.log1p(s) - d * r, m1 + r
     huge = x.abs().amax(1) > 30.0
     if huge.any():
         lse = torch.logsumexp(torch.log(p) + x, 1)
-        kl = torch.where(huge, lse, kl)
-    return kl, m1
+        kl, mean = torch.where(huge, lse, kl), torch.where(huge, m1, mean)
+    return kl, mean
 
 
 def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, flips, by_class=False):

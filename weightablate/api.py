@@ -97,7 +97,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
             (grouped and depthwise included) anywhere in the model.
         data: a DataLoader, any iterable of ``(inputs, labels)`` batches, or a tuple ``(X, y)``.
-        weights: None (every entry), an int K (K distinct entries drawn with ``seed``), a 1-D
+        weights: None (every entry), an int K (K distinct entries drawn uniformly with ``seed``), a 1-D
             integer tensor of flat indices into ``layer.weight`` (or ``layer.bias``), or a pair
             ``(rows, cols)``: output unit/channel and flat index within its filter. ``"bias"`` is
             short for ``param="bias", weights=None``: every bias entry.
@@ -105,7 +105,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         backend: "auto" (compiled kernel for the device if built, else "torch"), "cpu", "cuda",
             "torch" (pure-PyTorch reference) or "naive" (zero, evaluate, restore).
         mode: "auto" uses the O(D) moment path where its truncation error is certified below
-            1e-10 of each pair's KL, else the O(C) loop; "exact" always takes the O(C) loop.
+            1e-10 of each pair's KL, else the O(C) loop (the cpu kernel: the O(C) loop for every pair
+            below 16 classes, where it is faster); "exact" always takes the O(C) loop.
         precision: "model" captures activations in the model's own dtype (one forward per batch);
             "float64" runs the captures on a float64 copy of the model, so the results agree with
             the naive loop run in float64 to ~1e-10 (costs a float64 forward and a model copy).

@@ -1,4 +1,5 @@
 // Stage 1 on the CPU: the per-(weight, sample) change d of the head's input unit.
+#pragma GCC optimize("fp-contract=off")  // bit-identical to the PyTorch reference: no fused multiply-adds
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -38,18 +39,68 @@ WA_INLINE double phi_poly(double x) {
   return s * x * x;
 }
 
-// sum_c p_c phi(d (v_c - m1)), every |d (v_c - m1)| <= x.
+// 1/k, k = 0..20 (0 unused): multiplications instead of divisions in the moment path.
+constexpr double kInv[21] = {0.0,       1.0,        1.0 / 2,  1.0 / 3,  1.0 / 4,  1.0 / 5,  1.0 / 6,
+                             1.0 / 7,   1.0 / 8,    1.0 / 9,  1.0 / 10, 1.0 / 11, 1.0 / 12, 1.0 / 13,
+                             1.0 / 14,  1.0 / 15,   1.0 / 16, 1.0 / 17, 1.0 / 18, 1.0 / 19, 1.0 / 20};
+WA_INLINE double inv(int64_t k) { return k <= 20 ? kInv[k] : 1.0 / static_cast<double>(k); }
+
+// log1p(s) - s = sum_{k=2..Deg} (-1)^(k+1) s^k / k (Horner, as numerics.h's log1p_minus).
 template <int Deg>
-WA_INLINE double centered_sum_deg(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t c = 0; c < C; ++c) t += p[c] * phi_poly<Deg>(d * (v[c] - m1));
-  return t;
+WA_INLINE double log1p_minus_poly(double s) {
+  double acc = ((Deg % 2 == 0) ? -1.0 : 1.0) * kInv[Deg];
+#pragma GCC unroll 20
+  for (int k = Deg - 1; k >= 2; --k) acc = acc * s + ((k % 2 == 0) ? -kInv[k] : kInv[k]);
+  return acc * s * s;
+}
+
+// numerics.h's log1p_minus with the fewest terms whose truncation stays below 1e-18 relative for
+// |s| up to the bound (Deg 5: 4.2e-5, 7: 1.26e-3, 9: 6.9e-3, 12: 2.7e-2, 19: 0.1; mpmath).
+WA_INLINE double log1p_minus_tiered(double s) {
+  const double a = std::fabs(s);
+  if (a <= 4e-5) return log1p_minus_poly<5>(s);
+  if (a <= 1.2e-3) return log1p_minus_poly<7>(s);
+  if (a <= 6.5e-3) return log1p_minus_poly<9>(s);
+  if (a <= 2.7e-2) return log1p_minus_poly<12>(s);
+  if (a < 0.1) return log1p_minus_poly<19>(s);
+  return std::log1p(s) - s;
+}
+
+// One pair's exact O(C) result, shifted by m1 (E_p[v] up to rounding): lse = log sum_c p_c e^(d (v_c - m1))
+// gives dCE = lse + d (m1 - v_y) exactly; kl = lse - d r with r = sum_c p_c (v_c - m1) = E_p[v] - m1, so
+// the rounding of m1 drops out of the KL (it would decide the sign of a tiny KL otherwise).
+struct Shifted {
+  double lse, kl;
+};
+
+// From t = sum_c p_c phi(d w_c) >= 0 and r: S = t + d r = sum_c p_c (e^(d w_c) - 1), lse = log1p(S),
+// kl = t + (log1p(S) - S) for small S; log1p(S) - d r for large S, where the first form would cancel.
+WA_INLINE Shifted from_sums(double t, double r, double d) {
+  const double s = t + d * r;
+  if (std::fabs(s) >= 0.1) {
+    const double lse = std::log1p(s);
+    return {lse, lse - d * r};
+  }
+  const double lm = log1p_minus_tiered(s);
+  return {s + lm, t + lm};
+}
+
+// t and r over the classes, every |d (v_c - m1)| <= the bound Deg is chosen for.
+template <int Deg>
+WA_INLINE Shifted centered_sum_deg(const double* p, const double* v, int64_t C, double d, double m1) {
+  double t = 0.0, r = 0.0;
+#pragma omp simd reduction(+ : t, r)
+  for (int64_t c = 0; c < C; ++c) {
+    const double w = v[c] - m1;
+    t += p[c] * phi_poly<Deg>(d * w);
+    r += p[c] * w;
+  }
+  return from_sums(t, r, d);
 }
 
 // The fewest Horner terms whose truncation stays below 1e-18 relative to phi(x) for |x| <= bound
 // (Deg 5: 1.38e-4, 7: 5.2e-3, 9: 3.4e-2, 11: 0.109, 14: 0.25; mpmath); most pairs have x << 0.25.
-WA_INLINE double centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1, double x) {
+WA_INLINE Shifted centered_sum_series(const double* p, const double* v, int64_t C, double d, double m1, double x) {
   if (x <= 1e-4) return centered_sum_deg<5>(p, v, C, d, m1);
   if (x <= 5e-3) return centered_sum_deg<7>(p, v, C, d, m1);
   if (x <= 3e-2) return centered_sum_deg<9>(p, v, C, d, m1);
@@ -57,26 +108,27 @@ WA_INLINE double centered_sum_series(const double* p, const double* v, int64_t C
   return centered_sum_deg<14>(p, v, C, d, m1);
 }
 
-double centered_sum_general(const double* p, const double* v, int64_t C, double d, double m1) {
-  double t = 0.0;
-  for (int64_t c = 0; c < C; ++c) t += p[c] * phi(d * (v[c] - m1));
-  return t;
+Shifted centered_sum_general(const double* p, const double* v, int64_t C, double d, double m1) {
+  double t = 0.0, r = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double w = v[c] - m1;
+    t += p[c] * phi(d * w);
+    r += p[c] * w;
+  }
+  return from_sums(t, r, d);
 }
 
-// KL(p || softmax(l + d v)) = log sum_c p_c exp(d (v_c - m1)) = log1p(sum_c p_c phi(d (v_c - m1))):
-// the first-order term d sum_c p_c (v_c - m1) is exactly 0, and its rounded value (an ulp of m1
-// times d) is left out: it would be the largest error of a tiny KL (a confident sample). Every
-// term is >= 0, so the KL is too.
-// range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
-WA_INLINE double exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+// The pair's Shifted without cancellation; range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
+WA_INLINE Shifted exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
   const double x = std::fabs(d) * range;
-  if (x <= kPhiSeriesMax) return std::log1p(centered_sum_series(p, v, C, d, m1, x));
-  if (x <= 30.0) return std::log1p(centered_sum_general(p, v, C, d, m1));
-  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp
+  if (x <= kPhiSeriesMax) return centered_sum_series(p, v, C, d, m1, x);
+  if (x <= 30.0) return centered_sum_general(p, v, C, d, m1);
+  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp (KL >> the rounding of m1)
   for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
   double s = 0.0;
   for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
-  return mx + std::log(s);
+  const double lse = mx + std::log(s);
+  return {lse, lse};
 }
 
 // Moment path (DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
@@ -88,14 +140,14 @@ WA_INLINE bool moment_kl(const double* m, int64_t order, int64_t stride, double 
   const double var = m2 - m1 * m1;
   if (!(var > kMomentMinVarRatio * m2)) return false;
   double tail = 1.6487212707001282;  // e^0.5 >= e^x
-  for (int64_t k = 1; k <= order + 1; ++k) tail *= x / k;
+  for (int64_t k = 1; k <= order + 1; ++k) tail *= x * inv(k);
   if (!(tail <= kMomentCertTol * 0.5 * d * d * var)) return false;
   double s2 = 0.0, dk = d * d * 0.5;
   for (int64_t k = 2; k <= order; ++k) {
     s2 += dk * m[(k - 1) * stride];
-    dk *= d / (k + 1);
+    dk *= d * inv(k + 1);
   }
-  *kl = s2 + log1p_minus(d * m1 + s2);
+  *kl = s2 + log1p_minus_tiered(d * m1 + s2);
   return true;
 }
 
@@ -135,9 +187,31 @@ SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C)
   return s;
 }
 
+// Small C (digits: 10 classes): an O(C) loop across classes is too short to vectorise, so the
+// exact path runs across kLanes samples of one weight instead, reading probs transposed (C, N).
+constexpr int64_t kSmallC = 32;
+constexpr int kLanes = 8;
+
+// t[j] = sum_c p_c phi(d_j (v_c - m1_j)), r[j] = sum_c p_c (v_c - m1_j) for the lanes' samples.
+template <int Deg>
+WA_INLINE void lanes_series(const double* pt, int64_t N, const double* v, int64_t C, const int64_t* idx,
+                            const double* dd, const double* m1, double* t, double* r) {
+  for (int j = 0; j < kLanes; ++j) t[j] = r[j] = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double vc = v[c];
+    const double* pc = pt + c * N;
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const double p = pc[idx[j]], w = vc - m1[j];
+      t[j] += p * phi_poly<Deg>(dd[j] * w);
+      r[j] += p * w;
+    }
+  }
+}
+
 // Everything the per-weight loop reads and writes (raw pointers into contiguous tensors).
 struct ScoreArgs {
-  const double *d, *probs, *logits, *head, *moments, *range, *vabs;
+  const double *d, *probs, *probs_t, *logits, *head, *moments, *range, *vabs;
   const int64_t *unit, *labels, *slot;
   const SampleStats* st;
   int64_t N, C, order, M;
@@ -164,27 +238,9 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
     }
     double sum_loss = 0.0, sum_kl = 0.0;
     int64_t n_flips = 0, n_err = 0, n_corr = 0;
-    for (int64_t j = 0; j < cnt; ++j) {
-      const int64_t n = nz[j];
-      const double dd = dk[n];
+    // one sample's dCE and KL are done: add them up, count a flip
+    auto finish = [&](int64_t n, double dd, double dce, double kl) {
       const int64_t y = a.labels[n];
-      const double* p = a.probs + n * C;
-      double kl, dce;
-      if (v) {
-        double m1;
-        if (slot >= 0 && moment_kl(a.moments + slot * N + n, a.order, a.M * N, dd, vabs, &kl)) {
-          m1 = a.moments[slot * N + n];
-        } else {
-          m1 = dot(p, v, C);
-          kl = exact_kl(p, v, C, dd, m1, range);
-        }
-        dce = kl + dd * (m1 - v[y]);  // CE change = KL + d (E_p[v] - v_y)
-      } else {
-        const double pi = p[i];
-        const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
-        kl = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
-        dce = kl + dd * (i == y ? -qi : pi);
-      }
       sum_loss += dce;
       sum_kl += kl;
       if (a.cls) a.cls[k * C + y] += dce;
@@ -196,6 +252,62 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
           n_corr += (now == y);
         }
       }
+    };
+    int64_t first = 0;  // samples nz[first..cnt) take the per-sample loop below
+    if (v && a.probs_t && slot < 0) {
+      first = cnt;
+      for (int64_t b = 0; b < cnt; b += kLanes) {
+        const int nl = static_cast<int>(std::min<int64_t>(kLanes, cnt - b));
+        int64_t idx[kLanes];
+        double dd[kLanes], m1[kLanes], t[kLanes], r[kLanes], xmax = 0.0;
+        for (int j = 0; j < kLanes; ++j) {
+          idx[j] = nz[b + (j < nl ? j : 0)];  // idle lanes repeat a sample with d = 0
+          dd[j] = j < nl ? dk[idx[j]] : 0.0;
+          m1[j] = 0.0;
+          xmax = std::fmax(xmax, std::fabs(dd[j]) * range);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const double vc = v[c];
+          const double* pc = a.probs_t + c * N;
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) m1[j] += pc[idx[j]] * vc;
+        }
+        // one Horner degree for the lanes, from their largest bound (as centered_sum_series)
+        if (xmax <= 1e-4) lanes_series<5>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 5e-3) lanes_series<7>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 3e-2) lanes_series<9>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= 0.1) lanes_series<11>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        else if (xmax <= kPhiSeriesMax) lanes_series<14>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        for (int j = 0; j < nl; ++j) {
+          const int64_t n = idx[j];
+          const Shifted e = xmax <= kPhiSeriesMax ? from_sums(t[j], r[j], dd[j])
+                                                  : exact_kl(a.probs + n * C, v, C, dd[j], m1[j], range);
+          finish(n, dd[j], e.lse + dd[j] * (m1[j] - v[a.labels[n]]), e.kl);
+        }
+      }
+    }
+    for (int64_t j = first; j < cnt; ++j) {
+      const int64_t n = nz[j];
+      const double dd = dk[n];
+      const int64_t y = a.labels[n];
+      const double* p = a.probs + n * C;
+      double kl, dce;
+      if (v) {
+        if (slot >= 0 && moment_kl(a.moments + slot * N + n, a.order, a.M * N, dd, vabs, &kl)) {
+          dce = kl + dd * (a.moments[slot * N + n] - v[y]);  // CE change = KL + d (E_p[v] - v_y)
+        } else {
+          const double m1 = dot(p, v, C);
+          const Shifted e = exact_kl(p, v, C, dd, m1, range);
+          kl = e.kl;
+          dce = e.lse + dd * (m1 - v[y]);
+        }
+      } else {
+        const double pi = p[i];
+        const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
+        kl = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
+        dce = kl + dd * (i == y ? -qi : pi);
+      }
+      finish(n, dd, dce, kl);
     }
     a.loss[k] = sum_loss;
     a.kl[k] = sum_kl;
@@ -286,7 +398,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   std::vector<double> range(U), vabs(U);
   unit_bounds(hp, U, C, range.data(), vabs.data());
-  ScoreArgs args{dp, pp, lp, hp, mp, range.data(), vabs.data(), up, yp, sp, &st, N, C, order, M, want_flips,
+  at::Tensor probs_t;
+  if (has_head && C <= kSmallC) probs_t = p_c.t().contiguous();
+  ScoreArgs args{dp, pp, probs_t.defined() ? probs_t.data_ptr<double>() : nullptr, lp, hp, mp, range.data(), vabs.data(), up, yp, sp, &st, N, C, order, M, want_flips,
                  dloss.data_ptr<double>(), dkl.data_ptr<double>(), by_class ? class_loss.data_ptr<double>() : nullptr,
                  flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(),
                  nonzero.data_ptr<bool>()};

@@ -94,14 +94,25 @@ __global__ void sample_stats_kernel(const double* __restrict__ l, const double* 
   q_top[n] = q;
 }
 
-__device__ double exact_kl_dev(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+// KL(p || softmax(l + d v)) for one pair, as the cpu kernel's exact_kl: with m1 = E_p[v] rounded,
+// t = sum_c p_c phi(d w_c) >= 0 and r = sum_c p_c w_c (rounding-sized), w = v - m1: S = t + d r,
+// KL = log1p(S) - d r = t + log1p_minus(S), so the rounding of m1 does not reach the KL; *mean = m1 + r.
+__device__ double exact_kl_dev(const double* p, const double* v, int64_t C, double d, double m1, double range,
+                               double* mean) {
   const double x = fabs(d) * range;
+  *mean = m1;
   if (x <= 30.0) {
-    double t = 0.0;  // sum_c p_c (v_c - m1) is 0: its rounded value would only add error (numerics.h)
-    for (int64_t c = 0; c < C; ++c) t += p[c] * phi(d * (v[c] - m1));
-    return log1p(t);
+    double t = 0.0, r = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double w = v[c] - m1;
+      t += p[c] * phi(d * w);
+      r += p[c] * w;
+    }
+    *mean = m1 + r;
+    const double s = t + d * r;
+    return fabs(s) >= 0.1 ? log1p(s) - d * r : t + log1p_minus(s);
   }
-  double mx = -INFINITY;
+  double mx = -INFINITY;  // huge d: log-sum-exp (the KL dwarfs the rounding of m1)
   for (int64_t c = 0; c < C; ++c) mx = fmax(mx, log(p[c]) + d * (v[c] - m1));
   double s = 0.0;
   for (int64_t c = 0; c < C; ++c) s += exp(log(p[c]) + d * (v[c] - m1) - mx);
@@ -196,7 +207,7 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
       } else {
         m1 = 0.0;
         for (int64_t c = 0; c < C; ++c) m1 += p[c] * v[c];
-        kl = exact_kl_dev(p, v, C, dd, m1, range);
+        kl = exact_kl_dev(p, v, C, dd, m1, range, &m1);
       }
       dce = kl + dd * (m1 - v[y]);
     } else {
