@@ -37,7 +37,7 @@ FLIP_FLOPS_PER_CLASS = 3  # l + d v, compare
 @torch.no_grad()
 def count_flops(wl, weights) -> dict:
     from weightablate import _reference as ref
-    from weightablate import api, closed_form, ops
+    from weightablate import closed_form, ops
     from weightablate.capture import capture
     from weightablate.plan import plan_head
     from weightablate.selection import select_weights

@@ -35,6 +35,7 @@ from torch import nn
 
 from weightablate import prune as wp
 from weightablate.digits import digits_model, load_digits_split
+from weightablate.report_pruning import plot_pruning
 
 MILESTONES = (0.5, 0.8, 0.9, 0.95)
 EPOCHS = 2  # fine-tuning epochs after each pruning step

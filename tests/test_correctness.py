@@ -1,5 +1,4 @@
 """weightablate against the float64 oracle (zero, evaluate, restore) on every closed-form head."""
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from oracle import oracle
 from torch import nn
 
 import weightablate as wa
-from weightablate import api, closed_form
+from weightablate import closed_form
 
 
 def digits(n=300):

@@ -25,7 +25,6 @@ uses unless ``ranking="abs"`` asks for torch's behaviour (for comparison only).
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import time
 from collections.abc import Sequence
