@@ -245,6 +245,20 @@ def _device(args) -> torch.device:
     return torch.device(kind)
 
 
+def layer_arg(model: nn.Module, name: str) -> nn.Module:
+    """The --layer module: an nn.Linear or nn.Conv2d of the model, or a CLIError listing those."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise CLIError(f"--layer {name!r} is not a module of the model; its Linear and Conv2d layers are: "
+                       f"{names}") from None
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise CLIError(f"--layer {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d; "
+                       f"the model's Linear and Conv2d layers are: {names}")
+    return module
+
+
 def model_and_folder(args, log, main_first=contextlib.nullcontext):
     """The options every command shares (--model, --checkpoint, --data, --image-size, --device,
     --seed): (model on its device in eval mode, its description, the ImageFolder or None for
@@ -308,16 +322,7 @@ def _run(args, distributed) -> int:
 
     # layer and weights
     layer = args.layer or (dg.DEFAULT_LAYER if default_model else default_layer(model))
-    try:
-        target = model.get_submodule(layer)
-    except AttributeError:
-        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        raise CLIError(f"--layer {layer!r} is not a module of the model; its Linear and Conv2d layers are: "
-                       f"{names}") from None
-    if not isinstance(target, (nn.Linear, nn.Conv2d)):
-        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        raise CLIError(f"--layer {layer!r} is a {type(target).__name__}, not an nn.Linear or nn.Conv2d; "
-                       f"the model's Linear and Conv2d layers are: {names}")
+    target = layer_arg(model, layer)
     numel = target.weight.numel()
     if args.weights is _DEFAULT:
         k = None if default_model else min(DEFAULT_K, numel)

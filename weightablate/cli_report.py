@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 BY_CLASS_MAX = 1 << 25  # weights x classes for which `run` also splits delta_loss by class (256 MiB)
 
@@ -209,7 +208,7 @@ def _model_and_data(args, log):
 
 def cmd_stats(args) -> int:
     from .activations import activation_stats
-    from .cli import CLIError
+    from .cli import layer_arg
     from .reporting import _png, _safe, fig_activation_pass, fig_activation_units
     from .summary import to_json
 
@@ -217,14 +216,7 @@ def cmd_stats(args) -> int:
     model, default, data, desc = _model_and_data(args, log)
     layers = args.layer or [default]
     for name in layers:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            raise CLIError(f"--layer {name!r} is not a module of the model; its Linear/Conv2d layers are: "
-                           f"{names}") from None
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise CLIError(f"--layer {name!r} is a {type(module).__name__}, not an nn.Linear or nn.Conv2d")
+        layer_arg(model, name)
     args.out.mkdir(parents=True, exist_ok=True)
     batch_size = args.batch_size if isinstance(data, tuple) else None
     everything, lines = {"data": desc, "layers": {}}, [f"data: {desc}"]
