@@ -271,17 +271,18 @@ SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C)
 constexpr int64_t kSmallC = 32;
 constexpr int kLanes = 8;
 
-// t[j] = sum_c p_c phi(d_j (v_c - m1_j)), r[j] = sum_c p_c (v_c - m1_j) for the lanes' samples.
+// t[j] = sum_c p_c phi(d_j (v_c - m1_j)), r[j] = sum_c p_c (v_c - m1_j) for the lanes' samples;
+// pb holds their probabilities, gathered once per block (C x kLanes, contiguous).
 template <int Deg>
-WA_INLINE void lanes_series(const double* pt, int64_t N, const double* v, int64_t C, const int64_t* idx,
-                            const double* dd, const double* m1, double* t, double* r) {
+WA_INLINE void lanes_series(const double* pb, const double* v, int64_t C, const double* dd, const double* m1,
+                            double* t, double* r) {
   for (int j = 0; j < kLanes; ++j) t[j] = r[j] = 0.0;
   for (int64_t c = 0; c < C; ++c) {
     const double vc = v[c];
-    const double* pc = pt + c * N;
+    const double* pc = pb + c * kLanes;
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      const double p = pc[idx[j]], w = vc - m1[j];
+      const double p = pc[j], w = vc - m1[j];
       t[j] += p * phi_poly<Deg>(dd[j] * w);
       r[j] += p * w;
     }
@@ -340,6 +341,7 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
     int64_t first = 0;  // samples nz[first..cnt) take the per-sample loop below
     if (v && a.probs_t && slot < 0) {
       first = cnt;
+      double pb[kSmallC * kLanes];
       for (int64_t b = 0; b < cnt; b += kLanes) {
         const int nl = static_cast<int>(std::min<int64_t>(kLanes, cnt - b));
         int64_t idx[kLanes];
@@ -348,20 +350,30 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
           idx[j] = nz[b + (j < nl ? j : 0)];  // idle lanes repeat a sample with d = 0
           dd[j] = j < nl ? dk[idx[j]] : 0.0;
           m1[j] = 0.0;
-          xmax = std::fmax(xmax, std::fabs(dd[j]) * range);
         }
+#pragma omp simd reduction(max : xmax)
+        for (int j = 0; j < kLanes; ++j) {
+          const double x = std::fabs(dd[j]) * range;
+          xmax = x > xmax ? x : xmax;  // as std::fmax (NaN skipped) without its libm call
+        }
+        // one gather of the block's probabilities (strided reads of probs_t) serves m1 and the series
         for (int64_t c = 0; c < C; ++c) {
           const double vc = v[c];
           const double* pc = a.probs_t + c * N;
+          double* bc = pb + c * kLanes;
 #pragma omp simd
-          for (int j = 0; j < kLanes; ++j) m1[j] += pc[idx[j]] * vc;
+          for (int j = 0; j < kLanes; ++j) {
+            const double p = pc[idx[j]];
+            bc[j] = p;
+            m1[j] += p * vc;
+          }
         }
         // one Horner degree for the lanes, from their largest bound (as centered_sum_series)
-        if (xmax <= 1e-4) lanes_series<5>(a.probs_t, N, v, C, idx, dd, m1, t, r);
-        else if (xmax <= 5e-3) lanes_series<7>(a.probs_t, N, v, C, idx, dd, m1, t, r);
-        else if (xmax <= 3e-2) lanes_series<9>(a.probs_t, N, v, C, idx, dd, m1, t, r);
-        else if (xmax <= 0.1) lanes_series<11>(a.probs_t, N, v, C, idx, dd, m1, t, r);
-        else if (xmax <= kPhiSeriesMax) lanes_series<14>(a.probs_t, N, v, C, idx, dd, m1, t, r);
+        if (xmax <= 1e-4) lanes_series<5>(pb, v, C, dd, m1, t, r);
+        else if (xmax <= 5e-3) lanes_series<7>(pb, v, C, dd, m1, t, r);
+        else if (xmax <= 3e-2) lanes_series<9>(pb, v, C, dd, m1, t, r);
+        else if (xmax <= 0.1) lanes_series<11>(pb, v, C, dd, m1, t, r);
+        else if (xmax <= kPhiSeriesMax) lanes_series<14>(pb, v, C, dd, m1, t, r);
         for (int j = 0; j < nl; ++j) {
           const int64_t n = idx[j];
           const Shifted e = xmax <= kPhiSeriesMax ? from_sums(t[j], r[j], dd[j])
