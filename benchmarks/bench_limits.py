@@ -53,8 +53,7 @@ def count_flops(wl, weights) -> dict:
     if head.kind != "piecewise":
         return {}
     V = head.rows()  # (I, C) float64
-    mode = "exact" if C < closed_form.MOMENT_MIN_CLASSES else "auto"  # as ClosedForm.prepare decides for cpu
-    slot = closed_form._moment_slots(head, rows, I, mode, torch.device("cpu"))
+    slot = closed_form._moment_slots(rows, I, C, "cpu", "auto", torch.device("cpu"))
     M = int((slot >= 0).sum()) if slot is not None else 0
     D = closed_form.MOMENT_ORDER
     logits = cap.logits.double()

@@ -52,9 +52,8 @@ class ClosedForm:
             n_out = self.target.weight.shape[0]
             self.head = plan_head(cap.calls, self.name, n_out, cap.logits.shape[1], self.flat.device)
             self.head_rows = self.head.rows()
-            few = self.backend == "cpu" and cap.logits.shape[1] < MOMENT_MIN_CLASSES
-            mode = "exact" if few else self.mode
-            self.moment_slot = _moment_slots(self.head, self.rows, n_out, mode, self.flat.device)
+            self.moment_slot = None if self.head.kind == "logits" else _moment_slots(
+                self.rows, n_out, cap.logits.shape[1], self.backend, self.mode, self.flat.device)
         self.a_t, self.z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
         if self.param == "bias":
             self.a_t = torch.ones_like(self.a_t[:1])
@@ -76,9 +75,11 @@ class ClosedForm:
                                 self.want_flips, self.by_class)
 
 
-def _moment_slots(head, rows, n_units, mode, device):
-    """(I,) int64: each unit's row in the moment tensor, -1 for units scored by the O(C) loop."""
-    if head.kind == "logits" or mode == "exact":
+def _moment_slots(rows, n_units, n_classes, backend, mode, device):
+    """(I,) int64: each unit's row in the moment tensor, -1 for units scored by the O(C) loop; None
+    when no unit takes the moment path: mode="exact", or the cpu kernel below MOMENT_MIN_CLASSES
+    classes (its O(C) loop is faster there)."""
+    if mode == "exact" or (backend == "cpu" and n_classes < MOMENT_MIN_CLASSES):
         return None
     counts = torch.bincount(rows, minlength=n_units)
     use = counts >= MOMENT_MIN_WEIGHTS

@@ -5,14 +5,13 @@ of the final Linear: one float64 scalar d per (ablation, sample), then the close
 kernels (ops.score_deltas)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from . import ops
 from .closed_form import _moment_slots, _moments
-from .plan import ELEMENTWISE, IDENTITY
+from .plan import ELEMENTWISE, IDENTITY, logit_directions
 from .propagate import (ADD, ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, FLATTEN_FUNCS, FLATTEN_METHODS,
                         IDENTITY_METHODS, POOL_FUNCS, POOL_MODULES, RELU_FUNCS, SUB)
 from .replay import BYTES_PER_ENTRY, Replay
@@ -81,12 +80,11 @@ class Funnel(Replay):
     def __init__(self, graph, final, target, param, flat, backend, mode, want_flips, by_class, why):
         super().__init__(graph, target, param, flat, want_flips, by_class, why)
         self.final, self.backend, self.mode = final, backend, mode
-        self.head_rows = graph.module.get_submodule(final.target).weight.detach().double().t().contiguous()
+        self.head_rows = logit_directions(graph.module.get_submodule(final.target))
         w = getattr(target, param)
         per = w[0].numel() if param == "weight" else 1
         self.units = self.flat // per  # the output channel each entry feeds
-        self.moment_slot = _moment_slots(SimpleNamespace(kind="funnel"), self.units, self.head_rows.shape[0],
-                                         mode, self.flat.device)
+        self.moment_slot = _moment_slots(self.units, *self.head_rows.shape, backend, mode, self.flat.device)
         self.moments = None
 
     @property

@@ -31,6 +31,11 @@ def _same(a, b) -> bool:
             and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
 
 
+def logit_directions(final: nn.Linear) -> torch.Tensor:
+    """(I, C) float64: column i of the final Linear's weight, the logit direction of its input i."""
+    return final.weight.detach().t().contiguous().double()  # transpose first: 3x faster than after
+
+
 @dataclass
 class Head:
     kind: str  # "logits" | "piecewise" | "elementwise"
@@ -50,7 +55,7 @@ class Head:
         """(I, C) float64: the logit direction of each unit; None for the logits layer."""
         if self.final is None:
             return None
-        v = self.final.weight.detach().t().contiguous().double()  # transpose first: 3x faster than after
+        v = logit_directions(self.final)
         return v * self.post_gain[:, None] if self.post_gain is not None else v
 
     def deltas(self, backend, ops, a_t, z_t, rows, cols, w) -> torch.Tensor:
