@@ -1,5 +1,6 @@
 """CUDA kernels: against the float64 oracle, against the CPU kernel, odd sizes, poisoned memory.
-Marked `cuda`: skipped where no GPU is present (run them with `pytest -m cuda`)."""
+Marked `cuda`: skipped where no GPU is present (run them with `pytest -m cuda`); test_cuda_emulated.py
+runs the same kernel source on the CPU everywhere."""
 import pytest
 import torch
 from oracle import oracle
