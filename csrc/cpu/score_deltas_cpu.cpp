@@ -408,7 +408,7 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
       for (int64_t g = 0; g + kGroup <= static_cast<int64_t>(tier[tr].size()); g += kGroup) groups.push_back({tr, g});
     const double* pg[kGroup] = {};
     const double* pn[kGroup] = {};
-    double m1[kGroup], m1n[kGroup];
+    double m1[kGroup] = {}, m1n[kGroup] = {};  // set before use; {} only quiets -Wmaybe-uninitialized
     auto rows = [&](size_t gi, const double** out) {
       for (int q = 0; q < kGroup; ++q) out[q] = a.probs + nz[tier[groups[gi].first][groups[gi].second + q]] * C;
     };
