@@ -21,7 +21,6 @@ def sync_time(fn):
 
 
 def main():
-    torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     N, I, C = 50_000, 4096, 1000

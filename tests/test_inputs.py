@@ -622,3 +622,25 @@ def test_results_do_not_alias_the_model():
     assert torch.equal(r.weight, model.fc.weight.detach().view(-1)[[0, 5, 7]])
     r.weight.zero_()
     assert (model.fc.weight.detach().view(-1)[[0, 5, 7]] != 0).all()
+
+
+def test_tf32_on_a_gpu_is_named():
+    """cuDNN runs float32 convolutions in TF32 by default; ablate warns rather than return numbers
+    outside its float32 bound. Only flags are read, so this runs without a GPU."""
+    from weightablate.api import tf32_in_use
+
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    mlp = nn.Sequential(nn.Linear(4, 3))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    cudnn, cublas = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = cudnn.fp32_precision, cublas.fp32_precision
+    try:
+        cudnn.fp32_precision, cublas.fp32_precision = "tf32", "ieee"
+        assert tf32_in_use(conv, cpu) == [] and tf32_in_use(mlp, gpu) == []
+        assert [u.split()[0] for u in tf32_in_use(conv, gpu)] == ["cuDNN"]
+        cudnn.fp32_precision = "ieee"
+        assert tf32_in_use(conv, gpu) == []
+        cublas.fp32_precision = "tf32"
+        assert [u.split()[0] for u in tf32_in_use(mlp, gpu)] == ["matmuls"]
+    finally:
+        cudnn.fp32_precision, cublas.fp32_precision = saved

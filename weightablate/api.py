@@ -43,6 +43,24 @@ def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
     raise TypeError(f"layer must be a dotted module name or an nn.Module, got {type(layer).__name__}")
 
 
+def tf32_in_use(model: nn.Module, device: torch.device) -> list[str]:
+    """What of ``model``'s float32 work on ``device`` PyTorch would run in TF32 (10-bit mantissa,
+    far coarser than the float32 bound): cuDNN convolutions do by default. Read through the
+    fp32_precision flags, which never raise (mixing the legacy allow_tf32 API with them can)."""
+    if device.type != "cuda":
+        return []
+    used = []
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul == "tf32" or torch.get_float32_matmul_precision() != "highest":
+        used.append("matmuls (torch.backends.cuda.matmul.fp32_precision / set_float32_matmul_precision)")
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is None:
+        conv = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    if conv == "tf32" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        used.append("cuDNN convolutions (torch.backends.cudnn.conv.fp32_precision, 'tf32' by default)")
+    return used
+
+
 def _check_model(model: nn.Module, device) -> torch.device:
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if len(devices) > 1:
@@ -159,7 +177,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     error of a summed delta is at most ``1e-5 |delta| + 1e-4 sum_n |dCE_n|`` (tested against the
     float64 naive loop; typically a few float32 ulps of the per-sample changes, ~1e-7 relative;
     a unit sitting at a ReLU kink inherits the float32 rounding of its pre-activation). With
-    precision="float64" the relative error is ~1e-12 for delta_loss (tested <= 1e-9).
+    precision="float64" the relative error is ~1e-12 for delta_loss (tested <= 1e-9). On a GPU
+    the float32 bound assumes no TF32 (cuDNN convolutions use it by default): a UserWarning names
+    the flag when the forward would.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -215,6 +235,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                           "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
             run = copy.deepcopy(model).float()
             stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
+        if run.get_submodule(name).weight.dtype == torch.float32:
+            tf32 = tf32_in_use(run, device)
+            if tf32:
+                warnings.warn("ablate: on this GPU PyTorch runs " + " and ".join(tf32) + " in TF32, so the "
+                              "captured activations, and the scores, are not exact to float32 rounding; set that "
+                              "flag to 'ieee' or pass precision='float64'", UserWarning, stacklevel=2)
         if resolved == "naive":
             out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class, param)
             kind, head_desc = "naive", "zero, evaluate, restore"
