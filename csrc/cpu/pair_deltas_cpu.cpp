@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../numerics.h"
+#include "../op_args.h"
 #include "clones.h"
 
 namespace weightablate {
@@ -55,18 +56,8 @@ WA_CLONES void pair_deltas_rows(const double* a_t, const double* z_t, const int6
 at::Tensor pair_deltas_cpu(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
                            const at::Tensor& cols, const at::Tensor& w, const at::Tensor& gain,
                            const at::Tensor& shift, const at::Tensor& slope) {
-  TORCH_CHECK(a_t.dim() == 2 && z_t.dim() == 2, "pair_deltas: a_t (J, N) and z_t (I, N) must be 2-D");
-  TORCH_CHECK(a_t.size(1) == z_t.size(1), "pair_deltas: a_t and z_t need the same number of samples");
-  TORCH_CHECK(a_t.scalar_type() == z_t.scalar_type() && w.scalar_type() == a_t.scalar_type(),
-              "pair_deltas: a_t, z_t and w must share one dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "pair_deltas: rows, cols must be int64");
-  TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes() && w.sizes() == rows.sizes(),
-              "pair_deltas: rows, cols and w must be 1-D of one length K");
-  const int64_t I = z_t.size(0), J = a_t.size(0), N = a_t.size(1), K = rows.size(0);
-  for (const auto* t : {&gain, &shift, &slope}) {
-    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 1 && t->size(0) == I,
-                "pair_deltas: gain, shift and slope must be float64 of shape (I,)");
-  }
+  const PairSizes sizes = check_pair_deltas_args(a_t, z_t, rows, cols, w, gain, shift, slope);
+  const int64_t I = sizes.I, J = sizes.J, N = sizes.N, K = sizes.K;
   auto out = at::empty({K, N}, a_t.options().dtype(at::kDouble));
   if (K == 0 || N == 0) return out;
   auto rows_c = rows.contiguous(), cols_c = cols.contiguous();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../numerics.h"
+#include "../op_args.h"
 
 #include "clones.h"
 
@@ -478,34 +479,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
     const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
-  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kDouble, "score_deltas: d must be float64 (K, N)");
-  TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kDouble && logits.sizes() == probs.sizes() &&
-                  logits.scalar_type() == at::kDouble,
-              "score_deltas: probs and logits must be float64 (N, C)");
-  const int64_t K = d.size(0), N = d.size(1), C = probs.size(1);
-  TORCH_CHECK(probs.size(0) == N, "score_deltas: probs has ", probs.size(0), " samples, d has ", N);
-  TORCH_CHECK(unit.scalar_type() == at::kLong && unit.dim() == 1 && unit.size(0) == K, "score_deltas: unit must be int64 (K,)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == N,
-              "score_deltas: labels must be int64 (N,)");
-  const bool has_head = head.has_value() && head->defined();
-  const int64_t U = has_head ? head->size(0) : C;
-  if (has_head) {
-    TORCH_CHECK(head->dim() == 2 && head->size(1) == C && head->scalar_type() == at::kDouble,
-                "score_deltas: head must be float64 (U, C)");
-  }
-  const bool has_moments = moments.has_value() && moments->defined();
-  int64_t order = 0, M = 0;
-  if (has_moments) {
-    TORCH_CHECK(has_head, "score_deltas: moments need a head");
-    TORCH_CHECK(moment_slot.has_value() && moment_slot->defined() && moment_slot->scalar_type() == at::kLong &&
-                    moment_slot->dim() == 1 && moment_slot->size(0) == U,
-                "score_deltas: moments need moment_slot int64 (U,)");
-    TORCH_CHECK(moments->dim() == 3 && moments->size(2) == N && moments->scalar_type() == at::kDouble &&
-                    moments->size(0) >= 2,
-                "score_deltas: moments must be float64 (D >= 2, M, N)");
-    order = moments->size(0);
-    M = moments->size(1);
-  }
+  const ScoreSizes sizes = check_score_deltas_args(d, unit, head, probs, logits, labels, moments, moment_slot);
+  const int64_t K = sizes.K, N = sizes.N, C = sizes.C, U = sizes.U, order = sizes.order, M = sizes.M;
+  const bool has_head = sizes.has_head, has_moments = sizes.has_moments;
   auto opts = d.options();
   auto dloss = at::zeros({K}, opts), dkl = at::zeros({K}, opts);
   auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),

@@ -13,6 +13,7 @@
 #include <climits>
 
 #include "../numerics.h"
+#include "../op_args.h"
 
 // Out-of-range indices stop the kernel (a device-side assert, as in PyTorch's own index ops)
 // instead of a host-side min/max check, which would cost a device sync per chunk.
@@ -53,21 +54,8 @@ __global__ void pair_deltas_kernel(const scalar_t* __restrict__ a_t, const scala
 at::Tensor pair_deltas_cuda(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
                             const at::Tensor& cols, const at::Tensor& w, const at::Tensor& gain,
                             const at::Tensor& shift, const at::Tensor& slope) {
-  TORCH_CHECK(a_t.dim() == 2 && z_t.dim() == 2, "pair_deltas: a_t (J, N) and z_t (I, N) must be 2-D");
-  TORCH_CHECK(a_t.size(1) == z_t.size(1), "pair_deltas: a_t and z_t need the same number of samples");
-  TORCH_CHECK(a_t.scalar_type() == z_t.scalar_type() && w.scalar_type() == a_t.scalar_type(),
-              "pair_deltas: a_t, z_t and w must share one dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "pair_deltas: rows, cols must be int64");
-  TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes() && w.sizes() == rows.sizes(),
-              "pair_deltas: rows, cols and w must be 1-D of one length K");
-  for (const auto* t : {&z_t, &rows, &cols, &w, &gain, &shift, &slope}) {
-    TORCH_CHECK(t->device() == a_t.device(), "pair_deltas: every tensor must be on ", a_t.device());
-  }
-  const int64_t I = z_t.size(0), J = a_t.size(0), N = a_t.size(1), K = rows.size(0);
-  for (const auto* t : {&gain, &shift, &slope}) {
-    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 1 && t->size(0) == I,
-                "pair_deltas: gain, shift and slope must be float64 of shape (I,)");
-  }
+  const PairSizes sizes = check_pair_deltas_args(a_t, z_t, rows, cols, w, gain, shift, slope);
+  const int64_t I = sizes.I, J = sizes.J, N = sizes.N, K = sizes.K;
   WA_DEVICE_GUARD(a_t.device());
   auto out = at::empty({K, N}, a_t.options().dtype(at::kDouble));
   if (K == 0 || N == 0) return out;
@@ -264,38 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
     const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
-  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kDouble, "score_deltas: d must be float64 (K, N)");
-  TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kDouble && logits.sizes() == probs.sizes() &&
-                  logits.scalar_type() == at::kDouble,
-              "score_deltas: probs and logits must be float64 (N, C)");
-  const int64_t K = d.size(0), N = d.size(1), C = probs.size(1);
-  TORCH_CHECK(probs.size(0) == N, "score_deltas: probs has ", probs.size(0), " samples, d has ", N);
-  TORCH_CHECK(unit.scalar_type() == at::kLong && unit.dim() == 1 && unit.size(0) == K, "score_deltas: unit must be int64 (K,)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == N,
-              "score_deltas: labels must be int64 (N,)");
-  for (const auto* t : {&unit, &probs, &logits, &labels}) {
-    TORCH_CHECK(t->device() == d.device(), "score_deltas: every tensor must be on ", d.device());
-  }
-  const bool has_head = head.has_value() && head->defined();
-  const int64_t U = has_head ? head->size(0) : C;
-  if (has_head) {
-    TORCH_CHECK(head->dim() == 2 && head->size(1) == C && head->scalar_type() == at::kDouble &&
-                    head->device() == d.device(),
-                "score_deltas: head must be float64 (U, C) on ", d.device());
-  }
-  const bool has_moments = moments.has_value() && moments->defined();
-  int64_t order = 0, M = 0;
-  if (has_moments) {
-    TORCH_CHECK(has_head, "score_deltas: moments need a head");
-    TORCH_CHECK(moment_slot.has_value() && moment_slot->defined() && moment_slot->scalar_type() == at::kLong &&
-                    moment_slot->dim() == 1 && moment_slot->size(0) == U,
-                "score_deltas: moments need moment_slot int64 (U,)");
-    TORCH_CHECK(moments->dim() == 3 && moments->size(2) == N && moments->scalar_type() == at::kDouble &&
-                    moments->size(0) >= 2 && moments->device() == d.device() && moment_slot->device() == d.device(),
-                "score_deltas: moments must be float64 (D >= 2, M, N)");
-    order = moments->size(0);
-    M = moments->size(1);
-  }
+  const ScoreSizes sizes = check_score_deltas_args(d, unit, head, probs, logits, labels, moments, moment_slot);
+  const int64_t K = sizes.K, N = sizes.N, C = sizes.C, U = sizes.U, order = sizes.order, M = sizes.M;
+  const bool has_head = sizes.has_head, has_moments = sizes.has_moments;
   WA_DEVICE_GUARD(d.device());
   auto opts = d.options();
   auto dloss = at::zeros({K}, opts), dkl = at::zeros({K}, opts);
