@@ -107,6 +107,39 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["sweep-rank0-of-2.ckpt", "sweep-rank1-of-2.ckpt"]
 
 
+FAILING = r'''
+import torch
+import torch.distributed as dist
+from torch import nn
+import weightablate as wa
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 4))
+X, y = torch.randn(200, 8), torch.randint(0, 4, (200,))
+if dist.get_rank() == 1:
+    X[150, 3] = float("nan")  # only rank 1's data is bad: it fails in its second batch
+try:
+    wa.ablate(model, "0", (X, y), batch_size=100)
+except Exception as exc:
+    print(f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}", flush=True)
+    raise
+'''
+
+
+def test_one_rank_failing_stops_every_rank(tmp_path):
+    """Every rank names the failed rank's error. Without the agreement the healthy rank got only a
+    transport error ("Connection closed by peer") once the failed process exited, and waited in
+    all_gather until the group's timeout while it lived on (a notebook, a loop over layers)."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING)
+    proc = torchrun([str(script)])  # a hang would end in the 300 s timeout
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 raised ValueError: data: batch 1 inputs contain NaN" in out, out[-3000:]
+    assert "rank 0 raised RuntimeError: ablate: another rank failed" in out and "rank 1: ValueError" in out, out[-3000:]
+
+
 @pytest.mark.slow  # torchrun of the CLI (~15 s)
 def test_cli_under_torchrun_rank0_writes(tmp_path):
     cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}

@@ -246,15 +246,16 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             kind, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
-            stream = iter(stream)
-            first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
-            stream = itertools.chain([first], stream)
-            scorer = choose_method(run, name, run.get_submodule(name), param, local, first[0], resolved, mode,
-                                   "flips" in metrics, by_class, method)
-            total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-            out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
-                                                        max_memory=max_memory, progress=progress, total_batches=total,
-                                                        checkpoint=checkpoint)
+            with distributed.fail_together():
+                stream = iter(stream)
+                first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
+                stream = itertools.chain([first], stream)
+                scorer = choose_method(run, name, run.get_submodule(name), param, local, first[0], resolved, mode,
+                                       "flips" in metrics, by_class, method)
+                total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+                out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
+                                                            max_memory=max_memory, progress=progress,
+                                                            total_batches=total, checkpoint=checkpoint)
             kind, head_desc = scorer.kind, scorer.description
             if parts is not None:
                 out = distributed.gather(parts, out, flat.numel())

@@ -53,6 +53,32 @@ def main_first():
             dist.barrier()
 
 
+@contextlib.contextmanager
+def fail_together():
+    """Run one rank's share so that a failure reaches every rank: after the block each rank says
+    "ok" or its error (all_gather_object); the failed rank re-raises its own exception and the
+    others raise one naming it, instead of a transport error or a wait in the next collective
+    until the group's timeout."""
+    rank, size = world()
+    if size == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        _agree(size, f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    _agree(size, None)
+
+
+def _agree(size: int, error: str | None) -> None:
+    errors = [None] * size
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed and error is None:
+        raise RuntimeError("ablate: another rank failed, so this one stops too: " + "; ".join(failed))
+
+
 def partition(flat: torch.Tensor, row_size: int, parts: int) -> list[torch.Tensor]:
     """Positions into ``flat`` (int64, in their original order) for each of ``parts`` ranks.
 
