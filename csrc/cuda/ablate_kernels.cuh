@@ -20,6 +20,9 @@
 #ifndef WA_KERNEL_ASSERT
 #define WA_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
 #endif
+#ifndef WA_EMPTY  // the emulator fills new buffers with NaN / INT64_MIN: an unwritten element shows
+#define WA_EMPTY(...) at::empty(__VA_ARGS__)
+#endif
 #ifndef WA_THREADS
 #define WA_THREADS 256
 #endif
@@ -57,7 +60,7 @@ at::Tensor pair_deltas_cuda(const at::Tensor& a_t, const at::Tensor& z_t, const 
   const PairSizes sizes = check_pair_deltas_args(a_t, z_t, rows, cols, w, gain, shift, slope);
   const int64_t I = sizes.I, J = sizes.J, N = sizes.N, K = sizes.K;
   WA_DEVICE_GUARD(a_t.device());
-  auto out = at::empty({K, N}, a_t.options().dtype(at::kDouble));
+  auto out = WA_EMPTY({K, N}, a_t.options().dtype(at::kDouble));
   if (K == 0 || N == 0) return out;
   auto rows_c = rows.contiguous(), cols_c = cols.contiguous();
   auto a_c = a_t.contiguous(), z_c = z_t.contiguous(), w_c = w.contiguous();
@@ -257,13 +260,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool has_head = sizes.has_head, has_moments = sizes.has_moments;
   WA_DEVICE_GUARD(d.device());
   auto opts = d.options();
-  auto dloss = at::zeros({K}, opts), dkl = at::zeros({K}, opts);
-  auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),
-       new_corr = at::zeros({K}, opts.dtype(at::kLong));
-  auto nonzero = at::zeros({K}, opts.dtype(at::kBool));
-  auto class_loss = at::zeros({K, by_class ? C : 0}, opts);
-  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
+  auto class_loss = at::zeros({K, by_class ? C : 0}, opts);  // accumulated by atomicAdd
+  if (K == 0 || N == 0) {
+    auto zero = at::zeros({K}, opts), none = at::zeros({K}, opts.dtype(at::kLong));
+    return {zero, zero.clone(), none, none.clone(), none.clone(), at::zeros({K}, opts.dtype(at::kBool)), class_loss};
+  }
   TORCH_CHECK(K <= INT_MAX, "score_deltas: at most ", INT_MAX, " weights per call (one block each)");
+  // each block writes every output of its weight: no memset
+  auto dloss = WA_EMPTY({K}, opts), dkl = WA_EMPTY({K}, opts);
+  auto flips = WA_EMPTY({K}, opts.dtype(at::kLong)), new_err = WA_EMPTY({K}, opts.dtype(at::kLong)),
+       new_corr = WA_EMPTY({K}, opts.dtype(at::kLong));
+  auto nonzero = WA_EMPTY({K}, opts.dtype(at::kBool));
   auto d_c = d.contiguous(), unit_c = unit.contiguous(), p_c = probs.contiguous(), l_c = logits.contiguous(),
        y_c = labels.contiguous();
   at::Tensor head_c, mom_c, slot_c;
@@ -272,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     mom_c = moments->contiguous();
     slot_c = moment_slot->contiguous();
   }
-  auto top = at::empty({N}, opts.dtype(at::kLong));
-  auto margin = at::empty({N}, opts), q_top = at::empty({N}, opts);
+  auto top = WA_EMPTY({N}, opts.dtype(at::kLong));
+  auto margin = WA_EMPTY({N}, opts), q_top = WA_EMPTY({N}, opts);
   auto stream = WA_STREAM();
   WA_LAUNCH(sample_stats_kernel, std::min<int64_t>((N + kThreads - 1) / kThreads, WA_MAX_BLOCKS), kThreads, stream,
             l_c.data_ptr<double>(), p_c.data_ptr<double>(), N, C, top.data_ptr<int64_t>(), margin.data_ptr<double>(),

@@ -6,6 +6,19 @@
 
 #include "emulator.h"
 
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <limits>
+
+// New buffers start as garbage a test can see: NaN, INT64_MIN, true.
+inline at::Tensor poisoned(at::Tensor t) {
+  if (t.is_floating_point()) return t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (t.scalar_type() == at::kBool) return t.fill_(true);
+  return t.fill_(std::numeric_limits<int64_t>::min());
+}
+
+#define WA_EMPTY(...) poisoned(at::empty(__VA_ARGS__))
 #define WA_THREADS 64
 #define WA_MAX_BLOCKS 3
 #define WA_DEVICE_GUARD(device) (void)(device)
