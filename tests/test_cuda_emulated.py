@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 from oracle import oracle
+from test_any_layer import CASES as ANY_LAYER
+from test_any_layer import close, get_model, reference
 from test_correctness import digits, make, trained
 from test_ops import pair_inputs, score_inputs
 
@@ -108,11 +110,22 @@ def test_score_deltas_out_of_range_index_stops_the_kernel(emu, which):
 
 @pytest.fixture
 def cpu_runs_emulated(emu, monkeypatch):
-    """backend="cpu" in the library runs the emulated CUDA kernels instead of the CPU ones."""
+    """backend="cpu" in the library runs the emulated CUDA kernels instead of the CPU ones; yields
+    the number of emulated calls so far (a list, so a test can check they happened)."""
     monkeypatch.setattr(closed_form, "MOMENT_MIN_CLASSES", 0)  # the moment path too, on 10 classes
-    pair, score = ops.pair_deltas, ops.score_deltas
-    monkeypatch.setattr(ops, "pair_deltas", lambda b, *a: emu.pair_deltas(*a) if b == "cpu" else pair(b, *a))
-    monkeypatch.setattr(ops, "score_deltas", lambda b, *a: emu.score_deltas(*a) if b == "cpu" else score(b, *a))
+    pair, score, calls = ops.pair_deltas, ops.score_deltas, []
+
+    def route(real, emulated):
+        def call(backend, *args):
+            if backend != "cpu":
+                return real(backend, *args)
+            calls.append(emulated)
+            return emulated(*args)
+        return call
+
+    monkeypatch.setattr(ops, "pair_deltas", route(pair, emu.pair_deltas))
+    monkeypatch.setattr(ops, "score_deltas", route(score, emu.score_deltas))
+    yield calls
 
 
 @pytest.mark.parametrize("head", ["logits", "relu", "leaky", "batchnorm", "gelu"])
@@ -125,6 +138,7 @@ def test_emulated_matches_float64_oracle(cpu_runs_emulated, head, mode):
     idx = torch.randperm(model.get_submodule(layer).weight.numel())[:60]
     ref = oracle(model, layer, X, y, idx)
     r = wa.ablate(model, layer, (X, y), weights=idx, backend="cpu", mode=mode, precision="float64", progress=False)
+    assert cpu_runs_emulated, "the emulated kernels did not run"
     err = (r.delta_loss - ref["delta_loss"]).abs()
     assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all()
     assert torch.equal(r.flips, ref["flips"]) and torch.equal(r.exact_zero, ref["exact_zero"])
@@ -145,3 +159,18 @@ def test_no_out_of_bounds_access():
                          cwd=ROOT, timeout=900)
     out = run.stdout + run.stderr
     assert run.returncode == 0 and " passed" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("case", [c for c in ANY_LAYER if c[4] in ("funnel", "piecewise")],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_emulated_any_layer_matches_float64_oracle(cpu_runs_emulated, case):
+    """The conv funnel and the BatchNorm head through the emulated kernels, as test_any_layer."""
+    name, layer, param, _, method = case
+    model, (X, y) = get_model(name)
+    idx, ref = reference(case)
+    r = wa.ablate(model, layer, (X, y), idx, param=param, precision="float64", backend="cpu", progress=False)
+    assert cpu_runs_emulated, "the emulated kernels did not run"
+    assert r.method == method, r.head
+    ok, rel = close(r, ref, 1e-5)
+    assert ok, rel.max()
+    assert torch.equal(r.flips, ref["flips"]) and torch.equal(r.exact_zero, ref["exact_zero"])
