@@ -3,9 +3,11 @@
 // device-side asserts in the CUDA kernels (no sync per call).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 
 namespace weightablate {
 
@@ -79,6 +81,17 @@ inline ScoreSizes check_score_deltas_args(const at::Tensor& d, const at::Tensor&
     s.M = moments->size(1);
   }
   return s;
+}
+
+// score_deltas' outputs: (delta_loss, delta_kl, flips, new_errors, new_correct, nonzero, class_loss).
+using ScoreOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// All seven zeroed on d's device; class_loss is (K, C) when by_class, else (K, 0).
+inline ScoreOutputs zero_score_outputs(const at::Tensor& d, int64_t C, bool by_class) {
+  const int64_t K = d.size(0);
+  const auto f64 = d.options(), i64 = f64.dtype(at::kLong);
+  return {at::zeros({K}, f64), at::zeros({K}, f64), at::zeros({K}, i64), at::zeros({K}, i64), at::zeros({K}, i64),
+          at::zeros({K}, f64.dtype(at::kBool)), at::zeros({K, by_class ? C : 0}, f64)};
 }
 
 }  // namespace weightablate

@@ -475,20 +475,16 @@ void unit_bounds(const double* head, int64_t U, int64_t C, double* range, double
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cpu(
+ScoreOutputs score_deltas_cpu(
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
     const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
   const ScoreSizes sizes = check_score_deltas_args(d, unit, head, probs, logits, labels, moments, moment_slot);
   const int64_t K = sizes.K, N = sizes.N, C = sizes.C, U = sizes.U, order = sizes.order, M = sizes.M;
   const bool has_head = sizes.has_head, has_moments = sizes.has_moments;
-  auto opts = d.options();
-  auto dloss = at::zeros({K}, opts), dkl = at::zeros({K}, opts);
-  auto flips = at::zeros({K}, opts.dtype(at::kLong)), new_err = at::zeros({K}, opts.dtype(at::kLong)),
-       new_corr = at::zeros({K}, opts.dtype(at::kLong));
-  auto nonzero = at::zeros({K}, opts.dtype(at::kBool));
-  auto class_loss = at::zeros({K, by_class ? C : 0}, opts);
-  if (K == 0 || N == 0) return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
+  ScoreOutputs out = zero_score_outputs(d, C, by_class);
+  if (K == 0 || N == 0) return out;
+  auto& [dloss, dkl, flips, new_err, new_corr, nonzero, class_loss] = out;
 
   auto d_c = d.contiguous(), unit_c = unit.contiguous(), p_c = probs.contiguous(), l_c = logits.contiguous(),
        y_c = labels.contiguous();
@@ -520,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                  flips.data_ptr<int64_t>(), new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(),
                  nonzero.data_ptr<bool>()};
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) { score_rows(args, begin, end); });
-  return {dloss, dkl, flips, new_err, new_corr, nonzero, class_loss};
+  return out;
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <cfloat>
 #include <climits>
 
 #include "../numerics.h"
@@ -251,7 +250,7 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_deltas_cuda(
+ScoreOutputs score_deltas_cuda(
     const at::Tensor& d, const at::Tensor& unit, const std::optional<at::Tensor>& head, const at::Tensor& probs,
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& moments,
     const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
@@ -259,12 +258,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t K = sizes.K, N = sizes.N, C = sizes.C, U = sizes.U, order = sizes.order, M = sizes.M;
   const bool has_head = sizes.has_head, has_moments = sizes.has_moments;
   WA_DEVICE_GUARD(d.device());
+  if (K == 0 || N == 0) return zero_score_outputs(d, C, by_class);
   auto opts = d.options();
   auto class_loss = at::zeros({K, by_class ? C : 0}, opts);  // accumulated by atomicAdd
-  if (K == 0 || N == 0) {
-    auto zero = at::zeros({K}, opts), none = at::zeros({K}, opts.dtype(at::kLong));
-    return {zero, zero.clone(), none, none.clone(), none.clone(), at::zeros({K}, opts.dtype(at::kBool)), class_loss};
-  }
   TORCH_CHECK(K <= INT_MAX, "score_deltas: at most ", INT_MAX, " weights per call (one block each)");
   // each block writes every output of its weight: no memset
   auto dloss = WA_EMPTY({K}, opts), dkl = WA_EMPTY({K}, opts);
