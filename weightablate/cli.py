@@ -58,6 +58,15 @@ def _positive(text: str) -> int:
     return k
 
 
+def _add_loading_args(p, batch_help: str, out: str) -> None:
+    """--image-size, --batch-size, --workers and --out, shared by `run` and `prune`."""
+    p.add_argument("--image-size", type=_positive, default=224, metavar="S",
+                   help="ImageFolder images are resized to SxS (default 224)")
+    p.add_argument("--batch-size", type=_positive, default=None, metavar="B", help=batch_help)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
+
+
 def _size(text: str) -> int:
     from .memory import check_max_memory
 
@@ -98,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=PRECISIONS, default="model", help="default model")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where the model runs; auto: cuda when available unless --backend cpu")
-    run.add_argument("--image-size", type=_positive, default=224, metavar="S",
-                     help="ImageFolder images are resized to SxS (default 224)")
-    run.add_argument("--batch-size", type=_positive, default=None, metavar="B",
-                     help="batch size (default 64 for an ImageFolder, 1024 for digits)")
-    run.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
-    run.add_argument("--out", type=Path, default=Path("weightablate-out"),
-                     help="output directory (default weightablate-out)")
+    _add_loading_args(run, "batch size (default 64 for an ImageFolder, 1024 for digits)", "weightablate-out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     run.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                      help="scratch memory budget of the scoring, e.g. 2GiB or 512MB (default 1GiB); data is "
@@ -440,13 +443,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the digits split/model and of fine-tuning")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="ablate backend for 'exact' (default auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--image-size", type=_positive, default=224, metavar="S",
-                   help="ImageFolder images are resized to SxS (default 224)")
-    p.add_argument("--batch-size", type=_positive, default=None, metavar="B",
-                   help="fine-tuning batch size (default 32 for digits, 64 for an ImageFolder)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
-    p.add_argument("--out", type=Path, default=Path("weightablate-prune"),
-                   help="output directory (default weightablate-prune)")
+    _add_loading_args(p, "fine-tuning batch size (default 32 for digits, 64 for an ImageFolder)", "weightablate-prune")
     p.add_argument("--quiet", action="store_true", help="no status lines")
     p.set_defaults(func=cmd_prune, parser=p)
 
