@@ -235,14 +235,15 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                           "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
             run = copy.deepcopy(model).float()
             stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
-        if run.get_submodule(name).weight.dtype == torch.float32:
+        run_target = run.get_submodule(name)  # the target in the model that actually runs (maybe a copy)
+        if run_target.weight.dtype == torch.float32:
             tf32 = tf32_in_use(run, device)
             if tf32:
                 warnings.warn("ablate: on this GPU PyTorch runs " + " and ".join(tf32) + " in TF32, so the "
                               "captured activations, and the scores, are not exact to float32 rounding; set that "
                               "flag to 'ieee' or pass precision='float64'", UserWarning, stacklevel=2)
         if resolved == "naive":
-            out = naive_ablate(run, run.get_submodule(name), flat, list(stream), progress, by_class, param)
+            out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
             kind, head_desc = "naive", "zero, evaluate, restore"
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
@@ -250,7 +251,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 stream = iter(stream)
                 first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
                 stream = itertools.chain([first], stream)
-                scorer = choose_method(run, name, run.get_submodule(name), param, local, first[0], resolved, mode,
+                scorer = choose_method(run, name, run_target, param, local, first[0], resolved, mode,
                                        "flips" in metrics, by_class, method)
                 total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
