@@ -24,9 +24,7 @@ inline EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
-#define __host__
 #define __shared__ static
-#define __forceinline__ inline
 
 namespace emu {
 
