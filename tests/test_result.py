@@ -221,3 +221,82 @@ def test_int_selection_is_sorted_and_seeded(results):
     other = wa.ablate(model, "0", (X, y), 9, metrics="loss", seed=6)
     assert torch.equal(again.indices, r.indices)
     assert not torch.equal(other.indices, r.indices)
+
+
+def _tampered(r, tmp_path, **changes):
+    """Save ``r`` with some arrays/metadata replaced (None drops an entry)."""
+    import json
+
+    import numpy as np
+
+    arrays = {n: getattr(r, n).numpy() for n in TENSORS + ("class_loss",) if getattr(r, n) is not None}
+    meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in arrays and f.name not in
+            TENSORS + ("class_loss",)}
+    for k, v in changes.items():
+        target = arrays if k in TENSORS + ("class_loss",) else meta
+        if v is None:
+            target.pop(k, None)
+        else:
+            target[k] = v
+    path = tmp_path / "t.npz"
+    np.savez(path, __meta__=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: {"delta_loss": r.delta_loss.numpy()[:-1]}, "delta_loss has shape"),
+    (lambda r: {"delta_loss": r.delta_loss.numpy() * float("nan")}, "delta_loss contains NaN"),
+    (lambda r: {"n_samples": 0}, "n_samples must be a positive int"),
+    (lambda r: {"n_samples": None}, "lacks ['n_samples']"),
+    (lambda r: {"base_accuracy": 1.5}, "base_accuracy"),
+    (lambda r: {"indices": r.indices.numpy() + 1000}, "indices must lie in"),
+    (lambda r: {"rows": r.rows.numpy() + 1}, "rows/cols do not match"),
+    (lambda r: {"flips": r.flips.numpy() * 1.0}, "flips must hold integers"),
+    (lambda r: {"exact_zero": None}, "missing arrays ['exact_zero']"),
+    (lambda r: {"bogus": 1}, "unknown keys ['bogus']"),
+    (lambda r: {"layer_shape": "7x6"}, "layer_shape must be a list"),
+])
+def test_load_refuses_an_inconsistent_file(results, tmp_path, change, needle):
+    r = results[3]["cpu"]
+    path = _tampered(r, tmp_path, **change(r))
+    with pytest.raises(ValueError) as exc:
+        wa.load(path)
+    assert str(path) in str(exc.value) and needle in str(exc.value)
+
+
+@pytest.mark.parametrize("content", [b"junk", b"PK\x03\x04junk"])
+def test_load_refuses_a_foreign_file(tmp_path, content):
+    import numpy as np
+
+    path = tmp_path / "foreign.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="is not a weightablate result"):
+        wa.load(path)
+    np.savez(path, a=np.arange(3))  # a real .npz, but not a result
+    with pytest.raises(ValueError, match="no __meta__ entry"):
+        wa.load(path)
+    np.savez(path, __meta__=np.array("[1, 2]"))
+    with pytest.raises(ValueError, match="__meta__ is a list"):
+        wa.load(path)
+    torch.save({"a": 1}, path)  # a torch checkpoint: a zip with a pickle inside
+    with pytest.raises(ValueError, match=str(path)):
+        wa.load(path)
+
+
+def test_conv_coords_in_the_dataframe(tmp_path):
+    pd = pytest.importorskip("pandas")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, (2, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 2, 5))
+    X, y = torch.randn(6, 3, 4, 4), torch.randint(0, 5, (6,))
+    r = wa.ablate(model, "0", (X, y), torch.tensor([0, 5, 17, 71]), method="replay")
+    assert r.weight_shape == (4, 3, 2, 3)
+    df = r.to_dataframe()
+    assert list(df.columns[:7]) == ["indices", "rows", "cols", "out", "in", "kh", "kw"]
+    for k, flat in enumerate([0, 5, 17, 71]):
+        o, i, h, w = (int(v) for v in df.loc[k, ["out", "in", "kh", "kw"]])
+        assert model[0].weight[o, i, h, w] == model[0].weight.reshape(-1)[flat] and (o, i, h, w) == \
+            tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), (4, 3, 2, 3)))
+    r.save(tmp_path / "c.npz")
+    assert wa.load(tmp_path / "c.npz").weight_shape == (4, 3, 2, 3)
+    bias = wa.ablate(model, "0", (X, y), "bias")
+    assert list(bias.coords()) == ["out"] and (bias.coords()["out"] == bias.indices.numpy()).all()

@@ -274,7 +274,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
-        layer_shape=(n_out, n_in), param=param, method=kind, head=head_desc, backend=resolved, mode=mode,
+        layer_shape=(n_out, n_in), weight_shape=tuple(tensor.shape), param=param, method=kind, head=head_desc,
+        backend=resolved, mode=mode,
         precision=precision, seconds=time.perf_counter() - started,
         extra={"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
         if tensor.dtype in HALF and precision == "model" else {})

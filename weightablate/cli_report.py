@@ -111,8 +111,10 @@ def _load_all(paths):
     for p in paths:
         try:
             out.append(load(p))
-        except Exception as exc:  # not an .npz of a result
-            raise CLIError(f"{str(p)!r} is not a weightablate result: {exc}") from None
+        except ValueError as exc:  # load names the file and what is wrong with it
+            raise CLIError(str(exc)) from None
+        except OSError as exc:
+            raise CLIError(f"{str(p)!r}: cannot read it: {exc}") from None
     return out
 
 

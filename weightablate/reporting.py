@@ -88,7 +88,7 @@ def concat(results) -> AblationResult:
     if torch.unique(merged["indices"]).numel() != merged["indices"].numel():
         raise ValueError("results: the same weight appears in several results")
     meta = {k: getattr(first, k) for k in ("n_samples", "base_loss", "base_accuracy", "layer", "layer_shape",
-                                            "method", "head", "backend", "mode", "precision")}
+                                            "weight_shape", "param", "method", "head", "backend", "mode", "precision")}
     return AblationResult(**merged, **meta, seconds=sum(r.seconds for r in results))
 
 
