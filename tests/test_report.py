@@ -419,3 +419,25 @@ def test_pruning_input_errors(tmp_path):
         wa.report(synthetic(50, rng), tmp_path / "o", pruning=tmp_path / "bad.json")
     with pytest.raises(ValueError, match="pruning: expected"):
         wa.report(synthetic(50, rng), tmp_path / "o", pruning=[{"x": 1}])
+
+
+def test_conv_weights_are_named_by_out_in_kh_kw(tmp_path):
+    """A conv's weights appear as (out, in, kh, kw) in the summary, its text and the report."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, (2, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 2, 5))
+    X, y = torch.randn(16, 3, 4, 4), torch.randint(0, 5, (16,))
+    res = wa.ablate(model, "0", (X, y), by_class=True)
+    from weightablate.summary import format_summary, summarize
+
+    d = summarize(res)
+    best = int(np.argmax(res.delta_loss.numpy()))
+    o, i, kh, kw = np.unravel_index(int(res.indices[best]), (4, 3, 2, 3))
+    assert model[0].weight[o, i, kh, kw] == res.weight[best]
+    assert d["position"] == "(out, in, kh, kw)" and d["top"][0]["at"] == f"({o}, {i}, {kh}, {kw})"
+    text = format_summary(d)
+    assert "layer 0 (4x3x2x3)" in text and "most important weights (out, in, kh, kw)" in text
+    assert f"  ({o}, {i}, {kh}, {kw})  w=" in text
+    rep = wa.report(res, tmp_path, bootstrap=0)
+    page = (tmp_path / "report.html").read_text()
+    assert "<th>(out, in, kh, kw)</th>" in page and f"<td>({o}, {i}, {kh}, {kw})</td>" in page
+    assert rep["per_class"]["most_specific"][0]["at"].count(",") == 3

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .result import AblationResult, load
-from .summary import _corr, _distribution, _f, _np, summarize, to_json
+from .summary import _corr, _distribution, _f, _np, positions, summarize, to_json
 
 MAX_POINTS = 20_000
 BOOTSTRAP = 1000
@@ -213,9 +213,10 @@ def bootstrap_ci(x: np.ndarray, y: np.ndarray, replicates: int = BOOTSTRAP, seed
 def _weight_rows(result, order, extra) -> list:
     rows, cols, w = _np(result.rows), _np(result.cols), _np(result.weight).astype(np.float64)
     dl = _np(result.delta_loss)
+    at = positions(result)
     out = []
     for k in order:
-        item = {"row": int(rows[k]), "col": int(cols[k]), "weight": _f(w[k])}
+        item = {"row": int(rows[k]), "col": int(cols[k]), "at": at[int(k)], "weight": _f(w[k])}
         if dl is not None:
             item["delta_loss"] = _f(dl[k])
         item.update({name: fn(k) for name, fn in extra.items()})
@@ -544,7 +545,8 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
                                             "class_delta": lambda k: _f(cl[k, dom[k]]),
                                             "share": lambda k: _f(share[k]), "net": lambda k: _f(net[k])})
         heat_order = np.argsort(-net, kind="stable")[:20]
-        labels = [f"({int(result.rows[k])}, {int(result.cols[k])})" for k in heat_order]
+        at = positions(result)
+        labels = [at[int(k)] for k in heat_order]
         fig = fig_per_class(cls_stats, cl[heat_order], labels)
         add("classes", "per_class", "Which classes a weight's removal hurts (red) or helps (blue); right: the "
             "class parts of delta_loss of the weights whose effect is most concentrated on one class.", fig)
@@ -721,10 +723,14 @@ def _table(rows, header=None) -> str:
     return "\n".join(out)
 
 
-def _weights_table(items, keys) -> str:
+def _weights_table(items, keys, position="(row, col)") -> str:
+    """One row per weight; the key "at" is its position, headed by ``position`` ("(out, in, kh, kw)")."""
     if not items:
         return "<p>(none)</p>"
-    return _table([[it.get(k) for k in keys] for it in items], keys)
+
+    def cell(it, k):
+        return (it.get("at") or f"({it.get('row')}, {it.get('col')})") if k == "at" else it.get(k)
+    return _table([[cell(it, k) for k in keys] for it in items], [position if k == "at" else k for k in keys])
 
 
 _SECTIONS = (
@@ -769,11 +775,11 @@ figcaption { color: #555; font-size: .92em; } .note { color: #555; } nav a { mar
 
 def render_html(d: dict, figures, title=None) -> str:
     layer = d.get("layer", "")
-    rows, cols = (d.get("layer_shape") or [0, 0])[:2]
+    shape = "x".join(str(v) for v in (d.get("weight_shape") or d.get("layer_shape") or []))
     title = title or f"weightablate report: {layer}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     head_rows = [[key, html.escape(str(d[key]))] for key in ("model", "data") if key in d]
-    head_rows += [["layer", f"{html.escape(str(layer))} ({rows}x{cols})"], ["weights ablated", d.get("n_weights")],
+    head_rows += [["layer", f"{html.escape(str(layer))} ({shape})"], ["weights ablated", d.get("n_weights")],
                   ["samples", d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
                   ["base loss (mean CE)", d.get("base_loss")], ["base accuracy", d.get("base_accuracy")],
                   ["ablation seconds", d.get("seconds")]]
@@ -808,6 +814,7 @@ def render_html(d: dict, figures, title=None) -> str:
 
 def _section_text(d: dict) -> dict:
     t = {}
+    pos = d.get("position") or "(row, col)"
     dd = d.get("delta_distribution", {})
     q = d.get("delta_loss", {})
     t["delta"] = _table([
@@ -820,7 +827,7 @@ def _section_text(d: dict) -> dict:
     ])
     if d.get("top"):
         t["delta"] += "<p>Most important weights (largest delta_loss):</p>" + _weights_table(
-            d["top"], ["row", "col", "weight", "delta_loss"])
+            d["top"], ["at", "weight", "delta_loss"], pos)
     wr = d.get("weight_relation", {})
     if wr:
         rel = wr.get("ratio", {})
@@ -850,14 +857,14 @@ def _section_text(d: dict) -> dict:
         parts.append(f'<p>Share of a weight\'s absolute effect on its dominant class: median {_num(spec.get("q50"))}'
                      f', {pc.get("n_share_above_half")} weights put more than half of it on one class. Most '
                      "class-specific (dominant class's part beyond all others together):</p>")
-        parts.append(_weights_table(pc.get("most_specific"), ["row", "col", "weight", "delta_loss", "class",
-                                                              "class_delta", "share"]))
+        parts.append(_weights_table(pc.get("most_specific"), ["at", "weight", "delta_loss", "class",
+                                                              "class_delta", "share"], pos))
     fl = d.get("flips")
     if fl:
         parts.append(f"<p>{fl['n_with_flips']} weights flip at least one prediction; at most {fl['max_flips']}. "
                      "Most flips:</p>")
-        parts.append(_weights_table(fl.get("most_flips"), ["row", "col", "weight", "delta_loss", "flips",
-                                                           "new_errors", "new_correct"]))
+        parts.append(_weights_table(fl.get("most_flips"), ["at", "weight", "delta_loss", "flips",
+                                                           "new_errors", "new_correct"], pos))
     t["classes"] = "\n".join(parts)
     tv = d.get("train_vs_test")
     if tv:

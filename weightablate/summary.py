@@ -68,6 +68,7 @@ def summarize(result, train_result=None, top: int = 5) -> dict:
     dl = _np(result.delta_loss)
     out = {
         "layer": result.layer, "layer_shape": list(result.layer_shape), "n_weights": int(len(result)),
+        "weight_shape": list(result.weight_shape), "param": result.param, "position": position_names(result),
         "n_samples": int(result.n_samples), "method": result.method, "head": result.head,
         "backend": result.backend, "mode": result.mode, "precision": result.precision,
         "seconds": _f(result.seconds), "base_loss": _f(result.base_loss),
@@ -83,8 +84,9 @@ def summarize(result, train_result=None, top: int = 5) -> dict:
         out["by_abs_w_quartile"] = _quartiles(np.abs(w), dl)
         order = np.argsort(-dl, kind="stable")[:top]
         rows, cols = _np(result.rows), _np(result.cols)
-        out["top"] = [{"row": int(rows[k]), "col": int(cols[k]), "weight": _f(w[k]), "delta_loss": _f(dl[k])}
-                      for k in order]
+        at = positions(result)
+        out["top"] = [{"row": int(rows[k]), "col": int(cols[k]), "at": at[int(k)], "weight": _f(w[k]),
+                       "delta_loss": _f(dl[k])} for k in order]
     if result.delta_kl is not None:
         out["delta_kl"] = _distribution(_np(result.delta_kl))
     if result.flips is not None:
@@ -96,6 +98,20 @@ def summarize(result, train_result=None, top: int = 5) -> dict:
     if train_result is not None:
         out["train"] = _train_vs_test(result, train_result)
     return out
+
+
+def position_names(result) -> str:
+    """What a weight's position means: "(out, in, kh, kw)" for a Conv2d weight, "(row, col)" for a
+    Linear weight, "(out)" for a bias entry."""
+    names = list(result.coords())
+    return "(row, col)" if names == ["out", "in"] else "(" + ", ".join(names) + ")"
+
+
+def positions(result) -> list:
+    """Each weight's position as text, in the result's order: "(3, 1, 0, 2)" for a Conv2d weight
+    (out, in, kh, kw), "(row, col)" for a Linear weight, "(out)" for a bias entry."""
+    coords = np.stack(list(result.coords().values()), axis=1) if len(result) else np.zeros((0, 1), np.int64)
+    return ["(" + ", ".join(str(int(v)) for v in row) + ")" for row in coords]
 
 
 def _quartiles(absw: np.ndarray, dl: np.ndarray) -> list:
@@ -133,9 +149,10 @@ def _g(x, spec=".4g") -> str:
 
 def format_summary(d: dict) -> str:
     """The dict of ``summarize`` as a short human-readable report."""
-    rows, cols = d["layer_shape"]
+    shape = d.get("weight_shape") or d["layer_shape"]
+    what = "bias entries" if d.get("param") == "bias" else "weights"
     lines = [
-        f"layer {d['layer']} ({rows}x{cols}), {d['n_weights']} weights ablated one at a time, "
+        f"layer {d['layer']} ({'x'.join(map(str, shape))}), {d['n_weights']} {what} ablated one at a time, "
         f"{d['n_samples']} samples",
         f"method {d['method']} ({d['head']}), backend {d['backend']}, mode {d['mode']}, "
         f"precision {d['precision']}, {d['seconds']:.2f} s",
@@ -166,8 +183,9 @@ def format_summary(d: dict) -> str:
             lines.append(f"  Q{k} |w| in [{b['abs_w_from']:.3g}, {b['abs_w_to']:.3g}]: mean {_g(b['mean'])}, "
                          f"max {_g(b['max'])}")
     if d.get("top"):
-        lines.append("most important weights (row, col, w, delta_loss):")
-        lines += [f"  ({t['row']}, {t['col']})  w={t['weight']:+.4g}  delta={_g(t['delta_loss'])}" for t in d["top"]]
+        lines.append(f"most important {what} {d.get('position', '(row, col)')}, w, delta_loss:")
+        lines += [f"  {t.get('at') or (t['row'], t['col'])}  w={t['weight']:+.4g}  delta={_g(t['delta_loss'])}"
+                  for t in d["top"]]
     if "train" in d:
         t = d["train"]
         lines.append(f"train subset: {t['n_samples']} samples, loss {t['base_loss']:.6g}, "
