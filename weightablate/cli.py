@@ -195,13 +195,49 @@ def build_model(spec: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(spec, **kwargs)
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
+STATE_DICT_HINT = "--checkpoint takes a model's weights: a file written by torch.save(model.state_dict(), path)"
+
+
+def check_checkpoint_path(path: Path) -> None:
+    """--checkpoint must be a state dict file: name the option that was meant for a sweep's
+    checkpoint (or its directory) and for a result file, before any work."""
+    from .checkpoint import MAGIC
+
+    if path.is_dir():
+        if any(path.glob("*.ckpt")) or any(path.glob("*/*.ckpt")):
+            raise CLIError(f"--checkpoint {str(path)!r} is the directory of a sweep's saved progress: to resume "
+                           f"that sweep pass it as --checkpoint-dir {str(path)!r}. {STATE_DICT_HINT}")
+        raise CLIError(f"--checkpoint {str(path)!r} is a directory. {STATE_DICT_HINT}")
     if not path.is_file():
         raise CLIError(f"--checkpoint {str(path)!r}: no such file")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+    except OSError as exc:
+        raise CLIError(f"--checkpoint {str(path)!r}: cannot read it: {exc}") from None
+    if head == MAGIC:
+        raise CLIError(f"--checkpoint {str(path)!r} is a sweep checkpoint (saved progress of `run "
+                       f"--checkpoint-dir`): to resume that sweep pass its directory as --checkpoint-dir "
+                       f"{str(path.parent)!r}. {STATE_DICT_HINT}")
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "__meta__.npy" in z.namelist():
+                raise CLIError(f"--checkpoint {str(path)!r} is a weightablate result (results.npz), not model "
+                               f"weights; `weightablate report` reads results. {STATE_DICT_HINT}")
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    check_checkpoint_path(path)
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CLIError(f"--checkpoint {str(path)!r}: cannot read a state dict: {exc}") from None
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc):  # pickled objects: never advise weights_only=False (it runs code)
+            msg = ("it holds pickled Python objects (a whole model saved with torch.save(model)?), which are "
+                   "not loaded because unpickling can run arbitrary code; save model.state_dict() instead")
+        raise CLIError(f"--checkpoint {str(path)!r}: not a state dict: {msg}. {STATE_DICT_HINT}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -276,8 +312,12 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
         if args.model is None:
             raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
         folder = image_folder(path, args.image_size)
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise CLIError(f"--checkpoint {str(args.checkpoint)!r}: no such file")
+    if args.checkpoint is not None:
+        check_checkpoint_path(args.checkpoint)
+    ckdir = getattr(args, "checkpoint_dir", None)
+    if ckdir is not None and ckdir.is_file():
+        raise CLIError(f"--checkpoint-dir {str(ckdir)!r} is a file; --checkpoint-dir takes the directory where a "
+                       "sweep saves its progress (for a model's state dict use --checkpoint)")
     device = _device(args)
     if args.model is None:
         if args.checkpoint is not None:
