@@ -17,7 +17,7 @@ BY_CLASS_MAX = 1 << 25  # weights x classes for which `run` also splits delta_lo
 
 def add_parsers(sub) -> None:
     """Add ``report`` and ``stats`` to the ``weightablate`` subparsers."""
-    from .cli import _positive
+    from .cli import DEVICE_HELP, _positive
     from .reporting import BOOTSTRAP, MAX_POINTS
 
     rep = sub.add_parser(
@@ -32,7 +32,8 @@ def add_parsers(sub) -> None:
     rep.add_argument("--train", action="append", type=Path, metavar="FILE",
                      help="results of the same weights on train data; repeat for shards (default: "
                           "results_train.npz of a directory)")
-    rep.add_argument("--out", type=Path, required=True, help="output directory")
+    rep.add_argument("--out", type=Path, required=True, help="output directory (created): figures, report.html, "
+                                                             "summary.json")
     rep.add_argument("--pruning", action="append", type=Path, metavar="JSON",
                      help="history.json of `weightablate prune` or prune_experiment.json: adds accuracy vs sparsity "
                           "per criterion; repeat to put several runs in one figure")
@@ -43,7 +44,7 @@ def add_parsers(sub) -> None:
                      help=f"bootstrap replicates for train-vs-test intervals (default {BOOTSTRAP}, fewer for "
                           "very many weights)")
     rep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    rep.add_argument("--quiet", action="store_true", help="no status lines")
+    rep.add_argument("--quiet", action="store_true", help="no status lines on stderr (the summary is still printed)")
     rep.set_defaults(func=cmd_report, parser=rep)
 
     st = sub.add_parser(
@@ -54,17 +55,21 @@ def add_parsers(sub) -> None:
     st.add_argument("--model", help="as for `run` (default: the digits MLP)")
     st.add_argument("--checkpoint", type=Path, help="a state dict loaded into the model")
     st.add_argument("--data", default="digits", help="'digits' (default) or an ImageFolder directory")
-    st.add_argument("--split", choices=("test", "train"), default="test", help="digits split (default test)")
+    st.add_argument("--split", choices=("test", "train"), default="test",
+                    help="which digits split to measure on: test (default) or train")
     st.add_argument("--layer", action="append", metavar="NAME",
                     help="dotted name of an nn.Linear or nn.Conv2d; repeat for several (default: the layer `run` "
                          "ablates)")
     st.add_argument("--seed", type=int, default=0, help="seed of the digits split/training (default 0)")
-    st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    st.add_argument("--image-size", type=_positive, default=224, metavar="S", help="ImageFolder image size")
-    st.add_argument("--batch-size", type=_positive, default=None, metavar="B", help="batch size")
+    st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
+    st.add_argument("--image-size", type=_positive, default=224, metavar="S",
+                    help="ImageFolder images are resized to SxS (default 224)")
+    st.add_argument("--batch-size", type=_positive, default=None, metavar="B",
+                    help="batch size (default 64 for an ImageFolder, 1024 for digits)")
     st.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
-    st.add_argument("--out", type=Path, default=Path("weightablate-out"), help="output directory")
-    st.add_argument("--quiet", action="store_true", help="no status lines")
+    st.add_argument("--out", type=Path, default=Path("weightablate-out"),
+                    help="output directory (default weightablate-out): activations.json and figures")
+    st.add_argument("--quiet", action="store_true", help="no status lines on stderr (the numbers are still printed)")
     st.set_defaults(func=cmd_stats, parser=st, backend="auto")
 
 
