@@ -7,8 +7,8 @@ small CNN trained on digits, exact single-weight importance against magnitude, W
 
 Protocol, identical for every criterion:
 
-* models: the digits MLP (64-256-256-10; pruned layers fc2 and fc3, the ones "exact" scores in
-  this release) and a small CNN (conv 1->16, pool, conv 16->32, fc1 512->128, fc2 128->10;
+* models: the digits MLP (64-256-256-10; pruned layers fc2 and fc3, those with a closed-form head,
+  so that obd can score them too) and a small CNN (conv 1->16, pool, conv 16->32, fc1 512->128, fc2 128->10;
   pruned layers fc1 and fc2), each trained with the seed (split, init and order all follow it);
 * one trajectory per (model, seed, criterion): prune to 50%, 80%, 90%, 95% of the pruned layers'
   weights (global ranking across the layers, ``weightablate.prune.global_unstructured``), each

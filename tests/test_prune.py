@@ -72,7 +72,7 @@ def test_exact_scores_on_a_pruned_finetuned_model_match_a_float64_oracle(trained
 
 def test_masks_stay_zero_through_finetuning_and_remove_leaves_plain_tensors(trained, split):
     model = copy.deepcopy(trained)
-    wp.global_unstructured(model, ["fc2", "fc3"], 0.5, split[0])
+    wp.global_unstructured(model, ["fc2", "fc3"], 0.5, split[0], "exact")
     masks = {n: getattr(model, n).weight_mask.clone() for n in ("fc2", "fc3")}
     before = {n: getattr(model, n).weight_orig.detach().clone() for n in ("fc2", "fc3")}
     wp.finetune(model, split[0], 2, lr=1e-2, seed=0, threads=1)
@@ -105,7 +105,7 @@ def test_signed_ranking_removes_negative_delta_weights_first():
     loss0 = wp.evaluate(model, (X, y))[0]
 
     signed = copy.deepcopy(model)
-    wp.global_unstructured(signed, ["0"], 1, (X, y))
+    wp.global_unstructured(signed, ["0"], 1, (X, y), criterion="exact")
     assert signed[0].weight_mask.reshape(-1).tolist() == [1, 0, 1, 1]
     assert wp.evaluate(signed, (X, y))[0] < loss0
 
@@ -115,7 +115,7 @@ def test_signed_ranking_removes_negative_delta_weights_first():
                                importance_scores={(torch_way[0], "weight"): s}, amount=1)
     assert torch_way[0].weight_mask[0, 1] == 1
     abs_way = copy.deepcopy(model)
-    wp.global_unstructured(abs_way, ["0"], 1, (X, y), ranking="abs")
+    wp.global_unstructured(abs_way, ["0"], 1, (X, y), "exact", ranking="abs")
     assert torch.equal(abs_way[0].weight_mask, torch_way[0].weight_mask)
 
     # the pruning method on its own, with the standard torch API
@@ -127,7 +127,7 @@ def test_signed_ranking_removes_negative_delta_weights_first():
 def test_global_amount_across_two_layers(trained, split):
     model = copy.deepcopy(trained)
     n2, n3 = model.fc2.weight.numel(), model.fc3.weight.numel()
-    scores = wp.global_unstructured(model, ["fc2", "fc3"], 0.3, split[0])
+    scores = wp.global_unstructured(model, ["fc2", "fc3"], 0.3, split[0], "exact")
     pruned = int((model.fc2.weight_mask == 0).sum() + (model.fc3.weight_mask == 0).sum())
     assert pruned == round(0.3 * (n2 + n3))
     st = wp.sparsity(model, ["fc2", "fc3"])
@@ -162,10 +162,26 @@ def test_other_criteria_scores(trained, split):
         wp.importance(model, "fc2", split[0], criterion="magnitude", backend="torch")
 
 
-def test_exact_on_a_layer_without_closed_form_is_a_clear_error(trained, split):
-    with pytest.raises(ValueError, match="cannot score layer 'fc1'.*scorable_layers"):
-        wp.global_unstructured(copy.deepcopy(trained), ["fc1", "fc2"], 0.5, split[0])
-    assert wp.scorable_layers(trained, split[0]) == ["fc2", "fc3"]
+def test_exact_scores_every_layer_ablate_scores(trained, split):
+    """fc1 has no closed form (two Linears follow it): "exact" scores it by ablate's replay, equal to the
+    float64 naive loop; obd/taylor2 need the closed form and say so."""
+    X, y = split[0][0][:120], split[0][1][:120]
+    s = wp.importance(trained, "fc1", (X, y), precision="float64")
+    flat = torch.arange(0, trained.fc1.weight.numel(), 59)
+    ref = oracle(trained, "fc1", X, y, flat)
+    assert ((s.reshape(-1)[flat] - ref["delta_loss"]).abs() <= 1e-9 * ref["abs_sum"] + ref["round"] + 1e-13).all()
+    assert wp.scorable_layers(trained, split[0]) == ["fc1", "fc2", "fc3"]
+    assert wp.scorable_layers(trained, split[0], "obd") == ["fc2", "fc3"]
+    with pytest.raises(ValueError, match="no closed form|closed form"):
+        wp.global_unstructured(copy.deepcopy(trained), ["fc1", "fc2"], 0.5, split[0], "obd")
+    conv = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 36, 10))
+    assert wp.scorable_layers(conv, split[0], kinds=(nn.Linear, nn.Conv2d)) == ["1", "4"]
+    sc = wp.importance(conv, "1", (X, y), precision="float64")
+    ref = oracle(conv, "1", X, y, torch.arange(27))
+    assert ((sc.reshape(-1) - ref["delta_loss"]).abs() <= 1e-9 * ref["abs_sum"] + ref["round"] + 1e-13).all()
+    wp.global_unstructured(conv, ["1", "4"], 0.5, split[0], "exact")
+    assert wp.sparsity(conv, ["1", "4"])["pruned"] == round(0.5 * (27 + 1080))
 
 
 def test_channel_importance_is_row_and_column_sums(trained, split):
@@ -200,8 +216,8 @@ def test_channel_importance_is_row_and_column_sums(trained, split):
 def test_iterative_is_reproducible_and_reaches_the_target(trained, split):
     def go(seed):
         model = copy.deepcopy(trained)
-        hist = wp.iterative(model, ["fc2", "fc3"], (0.5, 0.8), split[0], epochs=1, eval_data=split[1], seed=seed,
-                            threads=1)
+        hist = wp.iterative(model, ["fc2", "fc3"], (0.5, 0.8), split[0], criterion="exact", epochs=1,
+                            eval_data=split[1], seed=seed, threads=1)
         return model, hist
 
     a, ha = go(3)
@@ -237,30 +253,34 @@ def test_cli_prune_digits(tmp_path, cache_home, capsys):
     out = tmp_path / "out"
     assert main(["prune", "--sparsity", "0.5", "--steps", "1", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "layers fc2, fc3" in printed and printed.strip() == (out / "summary.txt").read_text().strip()
+    assert "layers fc1, fc2, fc3" in printed and printed.strip() == (out / "summary.txt").read_text().strip()
     hist = json.loads((out / "history.json").read_text())
-    assert hist["layers"] == ["fc2", "fc3"] and hist["criterion"] == "exact" and len(hist["history"]) == 1
+    assert hist["layers"] == ["fc1", "fc2", "fc3"] and hist["criterion"] == "wanda" and len(hist["history"]) == 1
     state = torch.load(out / "pruned.pt", weights_only=True)
     model = digits.digits_mlp()
     model.load_state_dict(state)  # plain state dict: loads into the unpruned architecture
-    zeros = int((model.fc2.weight == 0).sum() + (model.fc3.weight == 0).sum())
-    assert zeros >= round(0.5 * (256 * 256 + 2560))
+    zeros = int((model.fc1.weight == 0).sum() + (model.fc2.weight == 0).sum() + (model.fc3.weight == 0).sum())
+    assert zeros >= round(0.5 * (64 * 256 + 256 * 256 + 2560))
+    assert hist["history"][0]["accuracy_pruned"] > 0.9  # wanda at 50%: the accuracy survives
     # the trajectory goes into the report: accuracy vs sparsity, the numbers of history.json
     _, _, X, y = digits.load_digits_split()
     wa.ablate(model, "fc3", (X, y)).save(tmp_path / "r.npz")
     assert main(["report", str(tmp_path / "r.npz"), "--pruning", str(out / "history.json"), "--out",
                  str(tmp_path / "rep"), "--quiet"]) == 0
-    line = json.loads((tmp_path / "rep" / "summary.json").read_text())["pruning"]["digits MLP 64-256-256-10"]["exact"]
+    line = json.loads((tmp_path / "rep" / "summary.json").read_text())["pruning"]["digits MLP 64-256-256-10"]["wanda"]
     assert [p["accuracy_mean"] for p in line] == [hist["base_accuracy"], hist["history"][0]["accuracy"]]
     assert (tmp_path / "rep" / "pruning.png").is_file()
 
 
 def test_cli_prune_errors(tmp_path, cache_home, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["prune", "--layers", "fc1", "--out", str(tmp_path), "--quiet"])
+        main(["prune", "--layers", "fc1", "--criterion", "obd", "--out", str(tmp_path), "--quiet"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "'fc1' cannot be scored by --criterion exact" in err and "['fc2', 'fc3']" in err
+    assert "'fc1' cannot be scored by --criterion obd: it needs the closed form" in err and "['fc2', 'fc3']" in err
+    with pytest.raises(SystemExit):
+        main(["prune", "--layers", "relu1", "--out", str(tmp_path), "--quiet"])
+    assert "not an nn.Linear or nn.Conv2d" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune", "--sparsity", "0.9,0.5", "--out", str(tmp_path)])
     assert "increasing" in capsys.readouterr().err
@@ -284,3 +304,31 @@ def test_cli_prune_torchvision(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["prune", "--model", "squeezenet1_0", "--out", str(tmp_path / "sq"), *common])
     assert exc.value.code == 2 and "has no nn.Linear layer to prune" in capsys.readouterr().err
+
+
+def test_cli_prune_exact_on_any_layer(tmp_path, monkeypatch, capsys):
+    """`prune --layers fc1,conv --criterion exact`: layers without a closed form are scored by ablate's
+    replay, and the weights pruned are those with the smallest exact deltas."""
+    (tmp_path / "tiny_models.py").write_text(
+        "import torch\nfrom collections import OrderedDict\nfrom torch import nn\n"
+        "def net(num_classes):\n    torch.manual_seed(0)\n    return nn.Sequential(OrderedDict([\n"
+        "        ('unflatten', nn.Unflatten(1, (1, 8, 8))), ('conv', nn.Conv2d(1, 2, 3)), ('relu0', nn.ReLU()),\n"
+        "        ('flatten', nn.Flatten()), ('fc1', nn.Linear(72, 12)), ('relu1', nn.ReLU()),\n"
+        "        ('fc2', nn.Linear(12, 10)), ('relu2', nn.ReLU()), ('fc3', nn.Linear(10, num_classes))]))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", "tiny_models:net", "--layers", "conv,fc1", "--criterion", "exact", "--steps",
+                 "1", "--epochs", "0", "--sparsity", "0.3", "--out", str(out), "--quiet"]) == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["layers"] == ["conv", "fc1"] and hist["history"][0]["pruned"] == round(0.3 * (18 + 864))
+    import tiny_models
+
+    model = tiny_models.net(10)
+    X, y, _, _ = digits.load_digits_split(0)
+    scores = wp.layer_scores(model, ["conv", "fc1"], (X, y), "exact")
+    flat = torch.cat([scores["conv"].reshape(-1), scores["fc1"].reshape(-1)])
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    zero = torch.cat([(state["conv.weight"] == 0).reshape(-1), (state["fc1.weight"] == 0).reshape(-1)])
+    k = round(0.3 * flat.numel())
+    assert int(zero.sum()) == k and set(torch.nonzero(zero).reshape(-1).tolist()) == \
+        set(torch.sort(flat, stable=True).indices[:k].tolist())

@@ -24,12 +24,21 @@ from torch import nn
 
 from . import __version__
 from .api import MODES, PRECISIONS
+from .dispatch import METHODS
 from .ops import BACKENDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_K = 4096
 _DEFAULT = object()  # --weights not given (argparse applies type= to string defaults only)
+
+
+BACKEND_HELP = ("auto (default): the compiled kernel for the model's device when it is built, else torch; "
+                "cpu / cuda: the compiled CPU / CUDA kernel; torch: the pure-PyTorch reference (same numbers, "
+                "slower); naive: zero, evaluate, restore for every weight (the slow reference loop)")
+
+
+DEVICE_HELP = "where the model runs: auto (default: cuda when available unless --backend cpu), cpu or cuda"
 
 
 class CLIError(Exception):
@@ -102,11 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
                           f"else {DEFAULT_K} (all if fewer)")
     run.add_argument("--seed", type=int, default=0, help="seed of the weight draw, the digits split/training and "
                                                          "the train subset (default 0)")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
-    run.add_argument("--mode", choices=MODES, default="auto", help="default auto")
-    run.add_argument("--precision", choices=PRECISIONS, default="model", help="default model")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="where the model runs; auto: cuda when available unless --backend cpu")
+    run.add_argument("--param", choices=("weight", "bias"), default="weight",
+                     help="weight (default): ablate entries of the layer's weight; bias: its bias entries "
+                          "(--weights then counts bias entries)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    run.add_argument("--method", choices=METHODS, default="auto",
+                     help="auto (default): the fastest exact method that fits the layer; closed_form: a Linear "
+                          "followed by element-wise modules and the final Linear (or producing the logits); "
+                          "funnel: the changed channel reaches the final Linear through per-channel maps, a "
+                          "residual add and global average pooling (ResNet's last conv); replay: any layer of a "
+                          "model torch.fx can trace (re-runs the later layers on the changes, chunk by chunk). "
+                          "Forcing one that does not apply is an error saying why. See docs/DESIGN.md")
+    run.add_argument("--mode", choices=MODES, default="auto",
+                     help="auto (default): the O(D) moment form of the KL where its truncation error is "
+                          "certified below 1e-10 relative, else the O(C) loop over classes; exact: always the "
+                          "O(C) loop. Both are exact to rounding; auto is faster with many classes")
+    run.add_argument("--precision", choices=PRECISIONS, default="model",
+                     help="model (default): activations captured in the model's dtype (float32: error ~1e-7 "
+                          "relative); float64: captured on a float64 copy of the model, agreeing with a float64 "
+                          "zero-evaluate-restore loop to ~1e-12 (slower, a copy of the model in memory)")
+    run.add_argument("--by-class", action=argparse.BooleanOptionalAction, default=None,
+                     help="also split delta_loss by the samples' label (class_loss, K x C float64 on the "
+                          "device; results.npz and the report's per-class section). Default: on when the "
+                          "report is made and weights x classes <= 2^25; --no-by-class turns it off")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
     _add_loading_args(run, "batch size (default 64 for an ImageFolder, 1024 for digits)", "weightablate-out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     run.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
@@ -366,23 +394,27 @@ def _run(args, distributed) -> int:
     # layer and weights
     layer = args.layer or (dg.DEFAULT_LAYER if default_model else default_layer(model))
     target = layer_arg(model, layer)
-    numel = target.weight.numel()
+    if args.param == "bias" and target.bias is None:
+        raise CLIError(f"--param bias: layer {layer!r} has no bias")
+    numel = getattr(target, args.param).numel()
     if args.weights is _DEFAULT:
         k = None if default_model else min(DEFAULT_K, numel)
     else:
         k = args.weights
     if k is not None and k > numel:
-        raise CLIError(f"--weights {k}: layer {layer!r} has only {numel} weights")
+        raise CLIError(f"--weights {k}: layer {layer!r} has only {numel} {args.param} entries")
     if k == numel:
         k = None
     common = dict(backend=args.backend, mode=args.mode, precision=args.precision, seed=args.seed,
+                  method=args.method, param=args.param,
                   progress=progress, batch_size=args.batch_size, max_memory=args.max_memory,
                   checkpoint_every=args.checkpoint_every)
     ckpt = (lambda sub: None) if args.checkpoint_dir is None else \
         (lambda sub: args.checkpoint_dir / sub if on_digits else args.checkpoint_dir)
     from .cli_report import by_class_ok
 
-    by_class = not args.no_report and by_class_ok(numel if k is None else k, num_classes)
+    by_class = args.by_class if args.by_class is not None else \
+        not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
     if main_rank:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +424,7 @@ def _run(args, distributed) -> int:
         dtype = target.weight.dtype
         X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
         n_desc = f"digits test split ({X_te.shape[0]} samples)"
-        log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {args.param} entries of {layer} on the {n_desc}...")
         result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, checkpoint_dir=ckpt("test"),
                         **common)
         test_data = (X_te, y_te)
@@ -405,7 +437,7 @@ def _run(args, distributed) -> int:
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         common["batch_size"] = None
         n_desc = f"ImageFolder {args.data} ({len(folder)} images, {num_classes} classes)"
-        log(f"ablating {numel if k is None else k} weights of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {args.param} entries of {layer} on the {n_desc}...")
         result = ablate(model, layer, loader, weights=k, by_class=by_class, checkpoint_dir=ckpt(""), **common)
         test_data = loader
     if not main_rank:
@@ -448,16 +480,27 @@ def _sparsities_arg(text: str):
     return values[0] if len(values) == 1 else values
 
 
+CRITERION_HELP = (
+    "how weights are scored (higher = kept). wanda (default): |w| x the L2 norm of its input over the data, "
+    "one forward pass, any Linear/Conv2d; in benchmarks/prune_experiment.py the best of the any-layer criteria "
+    "before fine-tuning and within a point of the dense model after it, up to 95%% sparsity; magnitude: |w| (no data), squared: w^2; taylor: |gradient x w|; obd: 0.5 h w^2 with the exact "
+    "Hessian diagonal (best before fine-tuning in the experiment, but only for a Linear with a closed-form "
+    "head); taylor2: -g w + 0.5 h w^2, a signed estimate of exact (same layers as obd); exact: the measured "
+    "loss change of zeroing each weight alone (any layer ablate scores, slowest): the truth for ONE weight, "
+    "but a poor criterion for removing many at once (their effects do not add up: 50%% in one step wrecked "
+    "the model in the experiment)")
+
+
 def _add_prune_parser(sub) -> None:
-    from .prune import CRITERIA, RANKINGS
+    from .prune import CRITERIA, DEFAULT_CRITERION, RANKINGS
 
     p = sub.add_parser(
-        "prune", help="iterative pruning with exact (or another) importance, torch.nn.utils.prune masks",
-        description="Iterative global unstructured pruning: score the weights of the chosen Linear layers "
-                    "(default: the exact loss change of zeroing each), prune the least important ones with "
-                    "torch.nn.utils.prune (signed ranking: weights whose removal lowers the loss go first), "
-                    "fine-tune with the masks held, re-score, repeat up to the target sparsity. Without "
-                    "arguments: the digits MLP (fc2 and fc3) to 50% in 3 steps, scored on the train split, "
+        "prune", help="iterative pruning by WANDA, exact or another importance, torch.nn.utils.prune masks",
+        description="Iterative global unstructured pruning: score the weights of the chosen Linear/Conv2d "
+                    f"layers (--criterion, default {DEFAULT_CRITERION}), prune the least important ones with "
+                    "torch.nn.utils.prune (signed ranking: smallest score first), fine-tune with the masks "
+                    "held, re-score, repeat up to the target sparsity. Without arguments: every Linear layer "
+                    "of the digits MLP to 50% in 3 steps, scored and fine-tuned on the train split, "
                     "evaluated on the test split. Writes pruned.pt (a plain state dict, pruned weights zero), "
                     "history.json and summary.txt.")
     p.add_argument("--model", help="a torchvision model name or 'module:function' (as for run). Default: the "
@@ -467,10 +510,11 @@ def _add_prune_parser(sub) -> None:
                    help="'digits' (default: train split to score and fine-tune, test split to evaluate) or an "
                         "ImageFolder directory (scores and fine-tunes on it)")
     p.add_argument("--eval-data", help="an ImageFolder directory to evaluate on (default: --data itself)")
-    p.add_argument("--layers", help="comma-separated dotted names of the nn.Linear layers to prune together. "
-                                    "Default: every Linear layer that 'exact' can score (the logits layer and "
-                                    "Linear layers followed only by element-wise modules and the final Linear)")
-    p.add_argument("--criterion", choices=CRITERIA, default="exact", help="default exact")
+    p.add_argument("--layers", help="comma-separated dotted names of the nn.Linear / nn.Conv2d layers to prune "
+                                    "together (ranked globally). Default: every nn.Linear layer the criterion "
+                                    "can score (all of them, except for obd/taylor2: those with a closed-form "
+                                    "head)")
+    p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION, help=CRITERION_HELP)
     p.add_argument("--ranking", choices=RANKINGS, default="signed",
                    help="signed (default: smallest score pruned first) or abs (torch's L1Unstructured order, "
                         "for comparison)")
@@ -481,10 +525,10 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs after each step (default 2; 0: none)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for fine-tuning (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the digits split/model and of fine-tuning")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="ablate backend for 'exact' (default auto)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="for --criterion exact: " + BACKEND_HELP)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
     _add_loading_args(p, "fine-tuning batch size (default 32 for digits, 64 for an ImageFolder)", "weightablate-prune")
-    p.add_argument("--quiet", action="store_true", help="no status lines")
+    p.add_argument("--quiet", action="store_true", help="no status lines on stderr (the summary is still printed)")
     p.set_defaults(func=cmd_prune, parser=p)
 
 
@@ -520,26 +564,31 @@ def cmd_prune(args) -> int:
                     ("the same images" if args.eval_data is None else f"{args.eval_data} ({len(eval_folder)})")
         batch_size, threads = bs, None
 
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise CLIError(f"--model {model_desc}: has no nn.Linear layer to prune")
-    scorable = wp.scorable_layers(model, score_data)
+    kinds = (nn.Linear, nn.Conv2d)
+    prunable = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     if args.layers:
         layers = [t.strip() for t in args.layers.split(",") if t.strip()]
         for name in layers:
-            if name not in linears:
-                raise CLIError(f"--layers: {name!r} is not an nn.Linear of the model; its Linear layers are: {linears}")
-            if args.criterion in ("exact", "obd", "taylor2") and name not in scorable:
-                raise CLIError(f"--layers: {name!r} cannot be scored by --criterion {args.criterion} in this release "
-                               "(only the logits layer and Linear layers followed by element-wise modules and the "
-                               f"final Linear have a closed form); scorable: {scorable or 'none'}. Use those, or "
-                               "--criterion magnitude/wanda/taylor")
+            if name not in prunable:
+                raise CLIError(f"--layers: {name!r} is not an nn.Linear or nn.Conv2d of the model; those are: "
+                               f"{prunable}")
+        scorable = wp.scorable_layers(model, score_data, args.criterion, kinds)
+        for name in layers:
+            if name not in scorable:
+                why = ("it needs the closed form: a Linear producing the logits or followed by element-wise "
+                       "modules and the final Linear" if args.criterion in ("obd", "taylor2") else
+                       "ablate cannot score it (see `weightablate run --layer " + name + "`)")
+                raise CLIError(f"--layers: {name!r} cannot be scored by --criterion {args.criterion}: {why}; "
+                               f"scorable: {scorable or 'none'}")
     else:
-        if not scorable:
-            raise CLIError(f"--model {model_desc}: none of its Linear layers {linears} is scorable exactly in this "
-                           "release (the logits layer or a Linear followed by element-wise modules and the final "
-                           "Linear); pass --layers with --criterion magnitude/wanda/taylor")
-        layers = scorable
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise CLIError(f"--model {model_desc}: has no nn.Linear layer to prune by default; name nn.Conv2d "
+                           f"layers with --layers (its layers: {prunable[:8]}{'...' if len(prunable) > 8 else ''})")
+        layers = wp.scorable_layers(model, score_data, args.criterion)
+        if not layers:
+            raise CLIError(f"--criterion {args.criterion} can score none of the Linear layers {linears} of "
+                           f"--model {model_desc}; pass --layers, or --criterion wanda/magnitude/taylor")
     total = sum(model.get_submodule(n).weight.numel() for n in layers)
     log(f"pruning {', '.join(layers)} ({total} weights) of {model_desc} by {args.criterion} ({args.ranking} ranking) "
         f"to {args.sparsity}; {data_desc}")

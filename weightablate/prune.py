@@ -50,10 +50,12 @@ SCORE_SIGNS = {
 }
 CHANNEL_SCORE_LABEL = ("sum of the single-weight scores of the channel's weights; "
                        "NOT the effect of removing the whole channel")
+DEFAULT_CRITERION = "wanda"  # the evidence of benchmarks/prune_experiment.py: see the README, "Pruning"
 _DATA_FREE = ("magnitude", "squared")
-# ablate's messages for layers outside the closed form (plan/capture), as opposed to bad data
-_STRUCTURAL = ("runs after", "final Linear", "logits", "only torch.nn.Linear", "(N, features)", "batch statistics",
-               "more than once", "did not run")
+_CLOSED_FORM_ONLY = ("obd", "taylor2")  # need the exact Hessian diagonal of weightablate.plan's closed form
+# ablate's messages for a layer or model it cannot score at all, as opposed to bad data
+_STRUCTURAL = ("cannot trace", "only torch.nn.Linear", "more than once", "did not run", "not called",
+               "must return a logits")
 
 
 # --- layers and the torch.nn.utils.prune reparametrisation -------------------------------------
@@ -162,10 +164,8 @@ def _criterion_fn(criterion):
 
 def _scorable_error(name: str, exc: Exception) -> ValueError:
     return ValueError(
-        f"criterion='exact' cannot score layer {name!r}: {exc}. In this release only nn.Linear layers that "
-        "produce the logits, or reach them through element-wise modules and one final nn.Linear, are scored "
-        "exactly (weightablate.prune.scorable_layers(model, data) lists them); pick those layers or another "
-        "criterion")
+        f"criterion='exact' cannot score layer {name!r}: {exc} (weightablate.prune.scorable_layers(model, data) "
+        "lists the layers it can score); pick those layers or another criterion")
 
 
 def _exact_scores(model, name, data, unpruned, ablate_kwargs):
@@ -178,7 +178,7 @@ def _exact_scores(model, name, data, unpruned, ablate_kwargs):
             return out.reshape(weight.shape)
         if idx.numel() == weight.numel():
             idx = None
-    kwargs = {"progress": False, "method": "closed_form", **ablate_kwargs}  # fast whole-layer scoring only
+    kwargs = {"progress": False, **ablate_kwargs}  # any method ablate has: closed form, funnel or replay
     try:
         res = ablate(model, name, data, weights=idx, metrics=("loss",), **kwargs)
     except (ValueError, TypeError) as exc:
@@ -230,18 +230,26 @@ def importance(model: nn.Module, layer, data, criterion="exact", **ablate_kwargs
     return layer_scores(model, [name], data, criterion, **ablate_kwargs)[name]
 
 
-def scorable_layers(model: nn.Module, data) -> list[str]:
-    """The model's nn.Linear layers that criterion="exact" can score (a one-weight ablation on the
-    first batch of ``data`` succeeds): the logits layer and those followed only by element-wise
-    modules and the final Linear."""
+def scorable_layers(model: nn.Module, data, criterion="exact", kinds=(nn.Linear,)) -> list[str]:
+    """The layers of the types ``kinds`` (default nn.Linear; add nn.Conv2d for convolutions) that
+    ``criterion`` can score, in the model's order, tried on the first batch of ``data``.
+
+    "exact" scores every layer ``ablate`` scores: any Linear or Conv2d of a model whose layers run
+    once per forward and that torch.fx can trace (or whose head has a closed form); "obd" and
+    "taylor2" need the exact Hessian diagonal, i.e. the closed form of ``weightablate.plan`` (a
+    Linear producing the logits or followed by element-wise modules and the final Linear); the
+    other criteria score any Linear or Conv2d."""
     batch = _first_batch(data)
+    fn = None if criterion == "exact" else _criterion_fn(criterion)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or is_pruned(module):
+        if not isinstance(module, kinds) or is_pruned(module):
             continue
         try:
-            ablate(model, name, batch, weights=torch.tensor([0]), metrics=("loss",), progress=False,
-                   method="closed_form")
+            if fn is None:
+                ablate(model, name, batch, weights=torch.tensor([0]), metrics=("loss",), progress=False)
+            else:
+                fn(model, name, batch)
         except (ValueError, TypeError):
             continue
         names.append(name)
@@ -275,8 +283,9 @@ class ChannelImportance:
     pruned on their outputs, in-channel sums for layers pruned on their inputs. The same label
     holds: a sum of single-weight effects, not the effect of removing the channel. Higher = keep.
 
-    Members that criterion="exact" cannot score in this release (no closed form) are skipped; a group
-    with no scorable member gets ``None`` (Torch-Pruning then leaves it alone).
+    Members the criterion cannot score (for "exact": a model torch.fx cannot trace, see
+    ``scorable_layers``) are skipped; a group with no scorable member gets ``None`` (Torch-Pruning
+    then leaves it alone).
     It reads only ``for dep, idxs in group``, ``dep.target.module`` and ``dep.handler`` (whose name
     must contain ``out_channels`` or ``in_channels``); members that are not nn.Linear add nothing.
     Checked with Torch-Pruning 1.6.1 (``DependencyGraph`` groups, ``MetaPruner(importance=...)``);
@@ -372,7 +381,8 @@ def signed_unstructured(module: nn.Module, name: str, amount, importance_scores=
     return module
 
 
-def global_unstructured(model: nn.Module, layers, amount, data, criterion="exact", *, ranking: str = "signed",
+def global_unstructured(model: nn.Module, layers, amount, data, criterion=DEFAULT_CRITERION, *,
+                        ranking: str = "signed",
                         scores: dict | None = None, **ablate_kwargs) -> dict[str, torch.Tensor]:
     """Prune ``amount`` of the weights of ``layers`` together, least important first, with
     ``torch.nn.utils.prune.global_unstructured`` and the criterion's scores as ``importance_scores``.
@@ -387,6 +397,10 @@ def global_unstructured(model: nn.Module, layers, amount, data, criterion="exact
             "magnitude"/"squared". Use training data: scoring on the test set leaks it.
         criterion: one of ``CRITERIA`` or a callable ``(model, layer_name, data) -> scores``;
             signs in ``SCORE_SIGNS`` (higher = keep). Scores of all layers are ranked together.
+            Default "wanda" (``DEFAULT_CRITERION``): in benchmarks/prune_experiment.py it keeps the
+            accuracy at every sparsity, before and after fine-tuning, scores any Linear or Conv2d in
+            one forward pass; the signed "exact" delta is a poor *pruning* criterion (removing many
+            weights whose single removal lowers the loss wrecks the model: not additive).
         ranking: "signed" (``SignedUnstructured``: smallest score removed first, the right order for
             signed scores) or "abs" (``prune.L1Unstructured``: smallest ``|score|`` first, torch's
             behaviour, which keeps weights whose removal lowers the loss; for comparison only).
@@ -514,7 +528,8 @@ def schedule(target: float, steps: int) -> list[float]:
     return [1.0 - (1.0 - target) ** (k / steps) for k in range(1, steps + 1)]
 
 
-def iterative(model: nn.Module, layers, sparsity, data, *, criterion="exact", steps: int = 3, epochs: int = 2,
+def iterative(model: nn.Module, layers, sparsity, data, *, criterion=DEFAULT_CRITERION, steps: int = 3,
+              epochs: int = 2,
               train_data=None, eval_data=None, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
               ranking: str = "signed", threads: int | None = None, log=None, **ablate_kwargs) -> list[dict]:
     """Iterative pruning: prune a fraction, fine-tune with the masks held, re-score on the pruned

@@ -668,6 +668,10 @@ def _criteria_scores(result, given, model, layer, data, batch_size, out):
     if given is not None:
         scores = {k: _pick(v, result) for k, v in given.items()}
         source = "given"
+    elif model is not None and data is not None and result.param == "bias":
+        skipped = {name: "bias entries: the data-dependent criteria score weights" for name in crit.NAMES
+                   if name not in ("magnitude", "squared")}
+        source = "the bias values only (|b| and b^2)"
     elif model is not None and data is not None:
         target = layer if layer is not None else result.layer
         full, skipped = crit._compute(model, target, data, crit.NAMES, batch_size=batch_size, strict=False)
