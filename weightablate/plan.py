@@ -126,14 +126,14 @@ def plan_head(calls: list[Call], target_name: str, n_units: int, n_classes: int,
         if not _same(call.input, current):
             raise ValueError(f"module {call.name!r} ({type(call.module).__name__}) runs after layer {target_name!r} "
                              "but does not take the previous module's output (a branch or a functional op in "
-                             "forward): no closed-form head; a later release adds the general path")
+                             "forward): no closed-form head (the funnel or replay method handles it)")
         if isinstance(call.module, nn.Linear):
             final, final_name = call.module, call.name
         else:
             step = _step(call, n_units, device)
             if step == "break":
                 raise ValueError(f"module {call.name!r} ({type(call.module).__name__}) after layer {target_name!r} "
-                                 "is not element-wise: no closed-form head; a later release adds the general path")
+                                 "is not element-wise: no closed-form head (the funnel or replay method handles it)")
             if step is not None:
                 steps.append(step)
                 names.append(f"{type(call.module).__name__}")
