@@ -483,7 +483,8 @@ def _sparsities_arg(text: str):
 CRITERION_HELP = (
     "how weights are scored (higher = kept). wanda (default): |w| x the L2 norm of its input over the data, "
     "one forward pass, any Linear/Conv2d; in benchmarks/prune_experiment.py the best of the any-layer criteria "
-    "before fine-tuning and within a point of the dense model after it, up to 95%% sparsity; magnitude: |w| (no data), squared: w^2; taylor: |gradient x w|; obd: 0.5 h w^2 with the exact "
+    "before fine-tuning and within a point of the dense model after it, up to 95%% sparsity; magnitude: |w| "
+    "(no data), squared: w^2; taylor: |gradient x w|; obd: 0.5 h w^2 with the exact "
     "Hessian diagonal (best before fine-tuning in the experiment, but only for a Linear with a closed-form "
     "head); taylor2: -g w + 0.5 h w^2, a signed estimate of exact (same layers as obd); exact: the measured "
     "loss change of zeroing each weight alone (any layer ablate scores, slowest): the truth for ONE weight, "

@@ -142,7 +142,8 @@ def _checked(meta, arrays) -> AblationResult:
     known = {f.name for f in fields(AblationResult)} - set(_TENSORS)
     required = {"n_samples", "base_loss", "base_accuracy", "layer_shape"}
     if required - set(meta) or set(meta) - known:
-        raise ValueError(f"__meta__ lacks {sorted(required - set(meta))} / has unknown keys {sorted(set(meta) - known)}")
+        raise ValueError(f"__meta__ lacks {sorted(required - set(meta))} / has unknown keys "
+                         f"{sorted(set(meta) - known)}")
     n = meta["n_samples"]
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"n_samples must be a positive int, got {n!r}")
