@@ -132,3 +132,129 @@ def test_run_bad_param_and_method(tmp_path, capsys):
         sys.path.remove(str(tmp_path))
     err = run_error(["run", "--method", "bogus"], capsys)
     assert "--method" in err and "closed_form" in err
+
+
+# --- ImageFolder: preprocessing and the folder's classes as the model's --------------------------
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for cls in ("goldfish", "tench", "tiger_shark"):
+        (root / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(root / cls / f"{k}.png")
+    (tmp_path / "flat_models.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def net(num_classes):\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return root
+
+
+def expected_base_loss(root, num_classes, labels, mean, std, crop=False):
+    """The dataset's mean cross-entropy, preprocessing written out with PIL and numpy."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    import flat_models
+
+    model = flat_models.net(num_classes)
+    xs, ys = [], []
+    for cls in sorted(p.name for p in root.iterdir()):
+        for f in sorted((root / cls).iterdir()):
+            im = Image.open(f).convert("RGB")
+            if crop:  # shorter side to round(8 * 256 / 224) = 9, then the central 8x8
+                w, h = im.size
+                s = 9 / min(w, h)
+                im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+                left, top = round((im.size[0] - 8) / 2), round((im.size[1] - 8) / 2)
+                im = im.crop((left, top, left + 8, top + 8))
+            else:
+                im = im.resize((8, 8), Image.BILINEAR)
+            a = (np.asarray(im, dtype=np.float32) / 255 - np.array(mean, np.float32)) / np.array(std, np.float32)
+            xs.append(torch.from_numpy(a.transpose(2, 0, 1).copy()))
+            ys.append(labels[cls])
+    with torch.no_grad():
+        return float(F.cross_entropy(model(torch.stack(xs)).double(), torch.tensor(ys)))
+
+
+@pytest.mark.parametrize("extra, num_classes, labels, mean, std", [
+    ([], 3, {"goldfish": 0, "tench": 1, "tiger_shark": 2}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    (["--normalize", "none", "--class-map", "MAP"], 50, {"goldfish": 40, "tench": 7, "tiger_shark": 0},
+     (0, 0, 0), (1, 1, 1)),
+    (["--normalize", "0.5,0.4,0.3:0.2,0.25,0.3", "--class-map", "index"], 5,
+     {"goldfish": 0, "tench": 1, "tiger_shark": 2}, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+])
+def test_image_folder_preprocessing_and_class_map(tmp_path, folder, extra, num_classes, labels, mean, std):
+    import json
+
+    (tmp_path / "map.json").write_text(json.dumps(labels))
+    extra = [str(tmp_path / "map.json") if a == "MAP" else a for a in extra]
+    out = tmp_path / "o"
+    assert main(["run", "--model", "flat_models:net", "--data", str(folder), "--image-size", "8", "--num-classes",
+                 str(num_classes), "--layer", "3", "--weights", "4", "--no-report", "--out", str(out), "--quiet",
+                 *extra]) == 0
+    res = wa.load(out / "results.npz")
+    assert res.layer_shape == (num_classes, 16)
+    assert res.base_loss == pytest.approx(expected_base_loss(folder, num_classes, labels, mean, std), rel=1e-5)
+
+
+def test_image_folder_center_crop(tmp_path, folder):
+    out = tmp_path / "o"
+    assert main(["run", "--model", "flat_models:net", "--data", str(folder), "--image-size", "8", "--resize",
+                 "center-crop", "--layer", "3", "--weights", "4", "--no-report", "--out", str(out), "--quiet"]) == 0
+    labels = {"goldfish": 0, "tench": 1, "tiger_shark": 2}
+    expected = expected_base_loss(folder, 3, labels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop=True)
+    assert wa.load(out / "results.npz").base_loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_imagenet_checkpoint_on_a_three_class_folder(tmp_path, folder, capsys):
+    """A 1000-class checkpoint: the error names --num-classes; then the folder's ImageNet category names
+    are the labels (goldfish = 1, tench = 0, tiger shark = 3)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=1000).eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    common = ["run", "--model", "resnet18", "--checkpoint", str(tmp_path / "r18.pt"), "--data", str(folder),
+              "--image-size", "16", "--weights", "5", "--no-report", "--out", str(tmp_path / "o"), "--quiet"]
+    err = run_error(common, capsys)
+    assert "pass --num-classes 1000" in err
+    assert main(common + ["--num-classes", "1000"]) == 0
+    res = wa.load(tmp_path / "o" / "results.npz")
+    from weightablate.folder import transform
+
+    tf = transform(16)
+    from PIL import Image
+
+    xs, ys = [], []
+    for cls, label in (("goldfish", 1), ("tench", 0), ("tiger_shark", 3)):
+        for f in sorted((folder / cls).iterdir()):
+            xs.append(tf(Image.open(f).convert("RGB")))
+            ys.append(label)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(torch.stack(xs)).double(), torch.tensor(ys))
+    assert res.base_loss == pytest.approx(float(ref), rel=1e-5)
+    err = run_error(common + ["--num-classes", "1000", "--class-map", "name"], capsys)
+    assert "--class-map" in err and "not class numbers" in err
+
+
+def test_class_map_rules_and_errors(tmp_path, folder, capsys):
+    from weightablate.folder import class_map
+
+    assert class_map(["0", "17", "954"], 1000) == ([0, 17, 954], "name")
+    assert class_map(["a", "b"], 2) == ([0, 1], "index")
+    with pytest.raises(ValueError, match="say which model class"):
+        class_map(["a", "b"], 10)
+    err = run_error(["run", "--model", "flat_models:net", "--data", str(folder), "--num-classes", "10",
+                     "--out", str(tmp_path / "o")], capsys)
+    assert "--class-map" in err and "index" in err
+    err = run_error(["run", "--model", "flat_models:net", "--data", str(folder), "--normalize", "1,2:3",
+                     "--out", str(tmp_path / "o")], capsys)
+    assert "--normalize" in err
+    err = run_error(["run", "--num-classes", "5", "--out", str(tmp_path / "o")], capsys)
+    assert "--num-classes" in err and "digits" in err

@@ -27,8 +27,6 @@ from .api import MODES, PRECISIONS
 from .dispatch import METHODS
 from .ops import BACKENDS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_K = 4096
 _DEFAULT = object()  # --weights not given (argparse applies type= to string defaults only)
 
@@ -67,10 +65,41 @@ def _positive(text: str) -> int:
     return k
 
 
-def _add_loading_args(p, batch_help: str, out: str) -> None:
-    """--image-size, --batch-size, --workers and --out, shared by `run` and `prune`."""
+def _normalize_arg(text: str):
+    from .folder import parse_normalize
+
+    try:
+        return parse_normalize(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_folder_args(p) -> None:
+    """How an ImageFolder --data is read (run, prune, stats): weightablate/folder.py."""
+    from .folder import RESIZES
+
     p.add_argument("--image-size", type=_positive, default=224, metavar="S",
-                   help="ImageFolder images are resized to SxS (default 224)")
+                   help="ImageFolder images become SxS (default 224), see --resize")
+    p.add_argument("--resize", choices=RESIZES, default="squash",
+                   help="squash (default): resize to SxS, aspect ratio not kept; center-crop: shorter side to "
+                        "S*256/224, then the central SxS (torchvision's ImageNet evaluation transform)")
+    p.add_argument("--normalize", type=_normalize_arg, default="imagenet", metavar="imagenet|none|M:S",
+                   help="after ToTensor (RGB in [0, 1]): imagenet (default: mean 0.485,0.456,0.406, std "
+                        "0.229,0.224,0.225), none, or m1,m2,m3:s1,s2,s3")
+    p.add_argument("--num-classes", type=_positive, default=None, metavar="N",
+                   help="outputs of the model that --model builds (default: the ImageFolder's number of "
+                        "classes; e.g. 1000 for an ImageNet checkpoint)")
+    p.add_argument("--class-map", default="auto", metavar="auto|index|name|categories|FILE",
+                   help="which model class each ImageFolder subdirectory is: index: the k-th subdirectory in "
+                        "sorted order is class k; name: subdirectories named by class numbers (0, 17, 954); "
+                        "categories: named by the model's category names (torchvision's ImageNet names, e.g. "
+                        "goldfish); FILE: a JSON object {\"subdirectory\": class}. auto (default): name if every "
+                        "subdirectory is a class number, else index if the counts agree, else categories")
+
+
+def _add_loading_args(p, batch_help: str, out: str) -> None:
+    """The ImageFolder options, --batch-size, --workers and --out, shared by `run` and `prune`."""
+    add_folder_args(p)
     p.add_argument("--batch-size", type=_positive, default=None, metavar="B", help=batch_help)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
     p.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
@@ -273,7 +302,17 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CLIError(f"--checkpoint {str(path)!r} does not fit the model: {exc}") from None
+        own = model.state_dict()
+        hint = ""
+        for key, t in state.items():  # a classifier of another size: name --num-classes
+            if key in own and isinstance(t, torch.Tensor) and t.dim() >= 1 and own[key].dim() == t.dim() and \
+                    own[key].shape[1:] == t.shape[1:] and own[key].shape[0] != t.shape[0] and key.endswith("weight"):
+                hint = (f" ({key} has {t.shape[0]} outputs in the checkpoint, {own[key].shape[0]} in the model "
+                        f"built: pass --num-classes {t.shape[0]})")
+                break
+        first = str(exc).strip().splitlines()
+        raise CLIError(f"--checkpoint {str(path)!r} does not fit the model{hint}: "
+                       f"{' '.join(x.strip() for x in first[:3])}") from None
 
 
 def default_layer(model: nn.Module) -> str:
@@ -283,18 +322,35 @@ def default_layer(model: nn.Module) -> str:
     return linears[-2] if len(linears) >= 2 else linears[-1]
 
 
-def image_folder(path: Path, size: int):
+def image_folder(path: Path, args, option: str = "--data"):
+    """The ImageFolder at ``path``, read as --image-size/--resize/--normalize say (weightablate/folder.py)."""
+    from .folder import IMAGENET_MEAN, IMAGENET_STD, transform
+
     try:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
     except ImportError:
-        raise CLIError(f"--data {str(path)!r}: an ImageFolder needs torchvision (pip install torchvision)") from None
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        raise CLIError(f"{option} {str(path)!r}: an ImageFolder needs torchvision (pip install torchvision)") from None
+    tf = transform(args.image_size, getattr(args, "resize", "squash"),
+                   getattr(args, "normalize", (IMAGENET_MEAN, IMAGENET_STD)))  # parsed by _normalize_arg
     try:
         return datasets.ImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError, OSError) as exc:
-        raise CLIError(f"--data {str(path)!r}: not a usable ImageFolder (one subdirectory of images per class): "
+        raise CLIError(f"{option} {str(path)!r}: not a usable ImageFolder (one subdirectory of images per class): "
                        f"{exc}") from None
+
+
+def map_classes(folder, args, num_classes: int, option: str = "--data") -> str:
+    """Give ``folder`` the model's class numbers as labels (--class-map); returns the rule used."""
+    from .folder import MapTarget, categories_of, class_map
+
+    try:
+        table, how = class_map(folder.classes, num_classes, getattr(args, "class_map", "auto"),
+                               categories_of(args.model))
+    except ValueError as exc:
+        raise CLIError(f"--class-map: {option} {exc}") from None
+    folder.target_transform = MapTarget(table)
+    folder.model_classes = num_classes
+    return how
 
 
 # --- the run command --------------------------------------------------------------------------
@@ -339,7 +395,9 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
             raise CLIError(f"--data {args.data!r}: neither 'digits' nor an existing directory")
         if args.model is None:
             raise CLIError("--model is required with an ImageFolder --data (the default model is for digits)")
-        folder = image_folder(path, args.image_size)
+        folder = image_folder(path, args)
+    elif getattr(args, "num_classes", None) not in (None, 10):
+        raise CLIError(f"--num-classes {args.num_classes}: digits has 10 classes (--num-classes is for an ImageFolder)")
     if args.checkpoint is not None:
         check_checkpoint_path(args.checkpoint)
     ckdir = getattr(args, "checkpoint_dir", None)
@@ -357,8 +415,12 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
             log(f"digits MLP ready in {time.perf_counter() - started:.1f} s")
         desc = "digits MLP 64-256-256-10"
     else:
-        model = build_model(args.model, dg.N_CLASSES if folder is None else len(folder.classes))
+        n_classes = dg.N_CLASSES if folder is None else getattr(args, "num_classes", None) or len(folder.classes)
+        model = build_model(args.model, n_classes)
         desc = args.model
+    if folder is not None:
+        how = map_classes(folder, args, n_classes)  # folder implies --model
+        folder.description = f"{len(folder.classes)} classes, mapped to the model's {folder.model_classes} by {how}"
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint)
     return model.to(device).eval(), desc, folder, device
@@ -389,7 +451,7 @@ def _run(args, distributed) -> int:
     on_digits = args.data == "digits"
     default_model = args.model is None
     model, model_desc, folder, device = model_and_folder(args, log, distributed.main_first)
-    num_classes = dg.N_CLASSES if folder is None else len(folder.classes)
+    num_classes = dg.N_CLASSES if folder is None else folder.model_classes
 
     # layer and weights
     layer = args.layer or (dg.DEFAULT_LAYER if default_model else default_layer(model))
@@ -436,7 +498,7 @@ def _run(args, distributed) -> int:
         loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size or 64, shuffle=False,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         common["batch_size"] = None
-        n_desc = f"ImageFolder {args.data} ({len(folder)} images, {num_classes} classes)"
+        n_desc = f"ImageFolder {args.data} ({len(folder)} images, {folder.description})"
         log(f"ablating {numel if k is None else k} {args.param} entries of {layer} on the {n_desc}...")
         result = ablate(model, layer, loader, weights=k, by_class=by_class, checkpoint_dir=ckpt(""), **common)
         test_data = loader
@@ -545,9 +607,13 @@ def cmd_prune(args) -> int:
         raise CLIError("--eval-data goes with an ImageFolder --data (digits evaluates on its test split)")
     model, model_desc, folder, device = model_and_folder(args, log)
     if not on_digits:
-        eval_folder = folder if args.eval_data is None else image_folder(Path(args.eval_data), args.image_size)
-        if len(eval_folder.classes) != len(folder.classes):
-            raise CLIError(f"--eval-data has {len(eval_folder.classes)} classes, --data {len(folder.classes)}")
+        eval_folder = folder
+        if args.eval_data is not None:
+            eval_folder = image_folder(Path(args.eval_data), args, "--eval-data")
+            how = map_classes(eval_folder, args, folder.model_classes, "--eval-data")
+            if how == "index" and eval_folder.classes != folder.classes:
+                raise CLIError(f"--eval-data has the classes {eval_folder.classes[:5]}, --data "
+                               f"{folder.classes[:5]}: mapped by index they must be the same")
 
     if on_digits:
         X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)

@@ -17,7 +17,7 @@ BY_CLASS_MAX = 1 << 25  # weights x classes for which `run` also splits delta_lo
 
 def add_parsers(sub) -> None:
     """Add ``report`` and ``stats`` to the ``weightablate`` subparsers."""
-    from .cli import DEVICE_HELP, _positive
+    from .cli import DEVICE_HELP, _positive, add_folder_args
     from .reporting import BOOTSTRAP, MAX_POINTS
 
     rep = sub.add_parser(
@@ -62,8 +62,7 @@ def add_parsers(sub) -> None:
                          "ablates)")
     st.add_argument("--seed", type=int, default=0, help="seed of the digits split/training (default 0)")
     st.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=DEVICE_HELP)
-    st.add_argument("--image-size", type=_positive, default=224, metavar="S",
-                    help="ImageFolder images are resized to SxS (default 224)")
+    add_folder_args(st)  # --image-size, --resize, --normalize, --num-classes, --class-map
     st.add_argument("--batch-size", type=_positive, default=None, metavar="B",
                     help="batch size (default 64 for an ImageFolder, 1024 for digits)")
     st.add_argument("--workers", type=int, default=0, help="DataLoader workers for an ImageFolder (default 0)")
