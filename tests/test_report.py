@@ -441,3 +441,46 @@ def test_conv_weights_are_named_by_out_in_kh_kw(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<th>(out, in, kh, kw)</th>" in page and f"<td>({o}, {i}, {kh}, {kw})</td>" in page
     assert rep["per_class"]["most_specific"][0]["at"].count(",") == 3
+
+
+def test_activation_stats_measure_at_the_activation_and_say_where(tmp_path):
+    """ResNet-style block: conv -> bn -> + residual -> relu: z is the ReLU's input (not the conv's
+    output); the logits layer says no activation follows."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=True)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.conv1(x)
+            out = self.bn2(self.conv2(h))
+            out = out + h
+            return self.fc(torch.flatten(self.pool(self.relu(out)), 1))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        model.bn2.running_mean.uniform_(-1, 1)
+        model.bn2.running_var.uniform_(0.5, 2)
+        model.bn2.bias.uniform_(-1, 1)
+    X, y = torch.randn(10, 3, 5, 5), torch.randint(0, 3, (10,))
+    st = wa.activation_stats(model, "conv2", (X, y))
+    with torch.no_grad():
+        h = model.conv1(X)
+        z = (model.bn2(model.conv2(h)) + h).permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+        raw = model.conv2(h).permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+    np.testing.assert_array_equal(st.pass_fraction, (z > 0).mean(0))
+    assert not np.array_equal((raw > 0).mean(0), (z > 0).mean(0))  # the conv's own output would differ
+    assert st.activation == "ReLU" and st.at == "the input of relu (ReLU): conv2 -> bn2 -> + residual -> relu"
+    fc = wa.activation_stats(model, "fc", (X, y))
+    assert fc.activation == "" and fc.at == "the output of fc (the logits)"
+    d = wa.report(wa.ablate(model, "fc", (X, y)), tmp_path, model=model, data=(X, y), bootstrap=0)
+    text = reporting.format_report(d)
+    assert "activations of fc, measured at the output of fc (the logits): 3 units are > 0" in text
+    assert "ReLU" not in text.split("activations of fc")[1]

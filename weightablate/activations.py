@@ -1,11 +1,18 @@
-"""Pre-activation statistics of one Linear or Conv2d layer: how much of the data each unit's ReLU
-lets through.
+"""Pre-activation statistics of one Linear or Conv2d layer: how much of the data each unit's
+activation lets through.
 
 ``activation_stats(model, layer, data)`` runs the model once over ``data`` and, per output unit
-(a Linear's neuron, a Conv2d's channel), takes the layer's output ``z`` (bias included, before any
-normalisation or activation that follows) over every sample (and, for a Conv2d, every position):
+(a Linear's neuron, a Conv2d's channel), takes the value ``z`` that the layer's activation sees,
+over every sample (and, for a Conv2d, every position). Where that is comes from the model's
+torch.fx graph: from the layer, through per-channel maps (BatchNorm in eval, dropout, identity)
+and a residual add, to the first element-wise activation (ReLU, GELU, SiLU, ...; modules or
+functions): ``z`` is that activation's input, e.g. for ResNet's ``layer4.1.conv2`` the input of
+``relu`` after ``bn2`` and the residual add. When no activation follows (the logits layer; a layer
+followed by pooling or another layer first), or the model cannot be traced, ``z`` is the layer's
+own output. ``ActivationStats.at`` says which, in words, and ``activation`` names the activation
+("" when none):
 
-* ``pass_fraction``: the fraction of values with ``z > 0`` (what a ReLU would let through),
+* ``pass_fraction``: the fraction of values with ``z > 0`` (what a ReLU lets through),
 * ``mean``, ``std`` (population), ``min``, ``max``, and ``median``,
 * ``median_over_std``: ``median / std`` (nan for a constant unit).
 
@@ -19,10 +26,13 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .api import _check_model, _resolve_layer
@@ -51,6 +61,8 @@ class ActivationStats:
     median_rows: int  # values per unit the median was taken over (== n_values: exact)
     show_units: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # drawn units
     show_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # (R, len(show))
+    at: str = ""  # where z was measured, in words
+    activation: str = ""  # the activation whose input z is ("" when none follows)
 
     @property
     def median_over_std(self) -> np.ndarray:
@@ -64,7 +76,8 @@ class ActivationStats:
         pf, ms = self.pass_fraction, self.median_over_std
         finite = ms[np.isfinite(ms)]
         return {
-            "layer": self.layer, "kind": self.kind, "n_units": int(self.n_units), "n_samples": int(self.n_samples),
+            "layer": self.layer, "kind": self.kind, "at": self.at, "activation": self.activation,
+            "n_units": int(self.n_units), "n_samples": int(self.n_samples),
             "n_values_per_unit": int(self.n_values), "median_rows": int(self.median_rows),
             "median_exact": bool(self.median_rows == self.n_values),
             "pass_fraction": _distribution(pf),
@@ -85,7 +98,8 @@ class ActivationStats:
     def save(self, path) -> None:
         arrays = {k: getattr(self, k) for k in ("pass_fraction", "mean", "std", "min", "max", "median",
                                                    "show_units", "show_values")}
-        meta = {k: getattr(self, k) for k in ("layer", "kind", "n_units", "n_samples", "n_values", "median_rows")}
+        meta = {k: getattr(self, k) for k in ("layer", "kind", "n_units", "n_samples", "n_values", "median_rows",
+                                              "at", "activation")}
         with open(path, "wb") as fh:
             np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
 
@@ -122,13 +136,17 @@ def activation_stats(model: nn.Module, layer, data, *, batch_size: int | None = 
 
     training = {m: m.training for m in model.modules()}
     model.eval()
-    handle = target.register_forward_hook(hook)
+    gm, node, at, act = _activation_input(model, name)
+    handle = target.register_forward_hook(hook) if node is None else None
     n_samples = 0
     try:
         for x, _ in batches(data, batch_size, device, target.weight.dtype):
             seen.clear()
             with torch.no_grad():
-                model(x)
+                if node is None:
+                    model(x)
+                else:
+                    _Grab(gm, node, seen).run(x)
             if "z" not in seen:
                 raise ValueError(f"layer {name!r} did not run in the model's forward pass")
             z = seen.pop("z")
@@ -140,10 +158,73 @@ def activation_stats(model: nn.Module, layer, data, *, batch_size: int | None = 
             n_samples += x.shape[0]
             acc.add(z)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for m, was_training in training.items():
             m.training = was_training
-    return acc.finish(name, type(target).__name__, n_samples, n_show)
+    st = acc.finish(name, type(target).__name__, n_samples, n_show)
+    st.at, st.activation = at, act
+    return st
+
+
+# Element-wise activations whose input is the "pre-activation"; modules, functions and methods.
+_ACT_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.Tanh,
+                nn.Sigmoid, nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Threshold)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.celu, torch.tanh,
+                  torch.sigmoid, F.softplus, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.relu_,
+                  torch.relu_}
+_ACT_METHODS = {"relu", "relu_", "tanh", "sigmoid"}
+# Per-channel maps between a layer and its activation: the activation still sees one value per unit.
+_PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _activation_input(model: nn.Module, name: str):
+    """(graph module, the node whose value the activation after ``name`` sees or None, where in words,
+    the activation's name or "")."""
+    own = f"the output of {name}"
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: measure the layer's own output
+        return None, None, own + " (the model cannot be traced, so the activation after it is unknown)", ""
+    hits = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if len(hits) != 1:
+        return None, None, own, ""
+    node, path = hits[0], [name]
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        module = gm.get_submodule(user.target) if user.op == "call_module" else None
+        is_act = isinstance(module, _ACT_MODULES) or (user.op == "call_function" and user.target in _ACT_FUNCTIONS) \
+            or (user.op == "call_method" and user.target in _ACT_METHODS)
+        if is_act and user.args and user.args[0] is node:
+            act = type(module).__name__ if module is not None else str(getattr(user.target, "__name__", user.target))
+            where = user.target if user.op == "call_module" else act
+            chain = " -> ".join(path + [str(where)])
+            return gm, node, f"the input of {where} ({act}): {chain}", act
+        if isinstance(module, _PASS_MODULES):
+            path.append(str(user.target))
+        elif user.op == "call_function" and user.target in _ADDS:
+            path.append("+ residual")
+        else:
+            break
+        node = user
+    follow = "the logits" if node.op != "output" and all(u.op == "output" for u in node.users) else \
+        "no element-wise activation follows"
+    return None, None, own + (f" ({follow})" if len(path) == 1 else f" after {' -> '.join(path[1:])} ({follow})"), ""
+
+
+class _Grab(fx.Interpreter):
+    """Run the traced model and keep one node's value (cloned: an in-place activation overwrites it)."""
+
+    def __init__(self, gm, node, seen):
+        super().__init__(gm)
+        self.node, self.seen = node, seen
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n is self.node:
+            self.seen["z"] = out.detach().clone()
+        return out
 
 
 class _Streaming:

@@ -49,9 +49,11 @@ def add_parsers(sub) -> None:
 
     st = sub.add_parser(
         "stats", help="pre-activation statistics of Linear/Conv2d layers",
-        description="Per unit of each layer: the fraction of samples whose pre-activation (the layer's output) is "
-                    "> 0, i.e. passes a ReLU, and median/std of the pre-activation; a figure of 64 units and the "
-                    "layer-wide distribution. Same model and data options as `run`.")
+        description="Per unit of each layer: the fraction of values > 0 at the input of the layer's activation "
+                    "(found in the model's graph: through BatchNorm and a residual add to the first ReLU, GELU, "
+                    "...; the layer's output when none follows, e.g. the logits), i.e. what a ReLU lets through, "
+                    "and median/std of those values; a figure of 64 units and the layer-wide distribution. Each "
+                    "line says where it measured. Same model and data options as `run`.")
     st.add_argument("--model", help="as for `run` (default: the digits MLP)")
     st.add_argument("--checkpoint", type=Path, help="a state dict loaded into the model")
     st.add_argument("--data", default="digits", help="'digits' (default) or an ImageFolder directory")
@@ -239,8 +241,8 @@ def cmd_stats(args) -> int:
         everything["layers"][name] = d
         s = st.summary()
         pf = s["pass_fraction"]
-        lines.append(f"{name} ({s['kind']}, {s['n_units']} units, {s['n_values_per_unit']} values each): pass "
-                     f"fraction mean {pf['mean']:.3f}, median {pf['q50']:.3f}; "
+        lines.append(f"{name} ({s['kind']}, {s['n_units']} units, {s['n_values_per_unit']} values each) at "
+                     f"{s['at']}: {'pass' if s['activation'] else '> 0'} fraction mean {pf['mean']:.3f}, median {pf['q50']:.3f}; "
                      f"{s['frac_units_pass_le_25pct']:.0%} of the units pass 25% or less, {s['n_dead']} never, "
                      f"{s['n_always_on']} always; median/std: median {s['median_over_std']['q50']:.3g}"
                      + ("" if s["median_exact"] else f" (median over {s['median_rows']} rows)"))

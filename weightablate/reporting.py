@@ -400,7 +400,7 @@ def fig_activation_units(stats):
         ax2.set_ylabel("fraction > 0", color=_RED)
     ax.axhline(0, color=_GREY, lw=0.6)
     ax.set_xlabel(f"{len(units)} units of {stats.layer}, ordered by pass fraction")
-    ax.set_ylabel("pre-activation")
+    ax.set_ylabel(f"input of {stats.activation}" if stats.activation else "layer output")
     return fig
 
 
@@ -410,7 +410,8 @@ def fig_activation_pass(stats):
     counts, edges = np.histogram(pf, bins=40, range=(0, 1))
     axes[0].stairs(counts, edges, fill=True, color=_BLUE, alpha=0.8)
     axes[0].axvline(0.25, color=_RED, lw=0.8, ls="--")
-    axes[0].set_xlabel("fraction of values > 0 (passes the ReLU)")
+    axes[0].set_xlabel(f"fraction of values > 0 (passes the {stats.activation})" if stats.activation
+                       else "fraction of values > 0 (no activation follows)")
     axes[0].set_ylabel("units")
     axes[0].set_title(f"{stats.layer}: {(pf <= 0.25).mean():.0%} of {pf.size} units pass 25% or less",
                       fontsize=10)
@@ -420,7 +421,7 @@ def fig_activation_pass(stats):
     if ms.size:
         axes[1].stairs(counts2, edges2, fill=True, color=_BLUE, alpha=0.8)
     axes[1].axvline(0, color=_RED, lw=0.8)
-    axes[1].set_xlabel("median / std of the pre-activation")
+    axes[1].set_xlabel("median / std of the value")
     axes[1].set_ylabel("units")
     return fig, {"pass_fraction": {"edges": edges.tolist(), "counts": counts.tolist()},
                  "median_over_std": {"edges": np.asarray(edges2).tolist(), "counts": np.asarray(counts2).tolist()}}
@@ -629,13 +630,14 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
         for k, st in enumerate(acts):
             suffix = "" if k == 0 else f"_{_safe(st.layer)}"
             entry = st.summary()
-            add("activations", f"activations_units{suffix}", f"Pre-activations of {len(st.show_units)} units of "
-                f"{st.layer} (violins; dots: median; red: fraction > 0).", fig_activation_units(st),
-                units=[int(u) for u in st.show_units])
+            add("activations", f"activations_units{suffix}", f"Values of {len(st.show_units)} units of {st.layer} "
+                f"at {st.at or 'its output'} (violins; dots: median; red: fraction > 0).",
+                fig_activation_units(st), units=[int(u) for u in st.show_units])
             fig, hists = fig_activation_pass(st)
             entry["histograms"] = hists
-            add("activations", f"activations_pass{suffix}", f"How much of the data each unit of {st.layer} lets "
-                "through a ReLU, and its median relative to its spread.", fig)
+            lets = f"its {st.activation} lets through" if st.activation else "is > 0 (no activation follows)"
+            add("activations", f"activations_pass{suffix}", f"How much of the data each unit of {st.layer} {lets}, "
+                "and its median relative to its spread.", fig)
             d["activations"][st.layer] = entry
         say(f"report: activations ({time.perf_counter() - started:.1f} s)")
 
@@ -893,10 +895,11 @@ def _section_text(d: dict) -> dict:
         rows = []
         for name, a in ac.items():
             pf = a["pass_fraction"]
-            rows.append([name, a["n_units"], a["n_values_per_unit"], pf.get("mean"), pf.get("q50"),
+            rows.append([name, a.get("at") or "the layer's output", a["n_units"], a["n_values_per_unit"],
+                         pf.get("mean"), pf.get("q50"),
                          a["frac_units_pass_le_25pct"], a["n_dead"], a["median_over_std"].get("q50"),
                          "exact" if a["median_exact"] else f"{a['median_rows']} rows"])
-        t["activations"] = _table(rows, ["layer", "units", "values per unit", "mean pass fraction",
+        t["activations"] = _table(rows, ["layer", "measured at", "units", "values per unit", "mean pass fraction",
                                          "median pass fraction", "units passing <= 25%", "dead units",
                                          "median of median/std", "median over"])
     pr = d.get("pruning")
@@ -930,8 +933,9 @@ def format_report(d: dict) -> str:
                          f"  top {_num(row['top_1pct'], '.2f')}/{_num(row['top_10pct'], '.2f')}"
                          f"  bottom {_num(row['bottom_1pct'], '.2f')}/{_num(row['bottom_10pct'], '.2f')}")
     for name, a in (d.get("activations") or {}).items():
-        lines.append(f"activations of {name}: {a['n_units']} units pass a ReLU on "
-                     f"{_num(a['pass_fraction']['mean'], '.1%')} of the values on average; "
+        passes = f"pass the {a['activation']}" if a.get("activation") else "are > 0"
+        lines.append(f"activations of {name}, measured at {a.get('at') or 'its output'}: {a['n_units']} units "
+                     f"{passes} on {_num(a['pass_fraction']['mean'], '.1%')} of the values on average; "
                      f"{_num(a['frac_units_pass_le_25pct'], '.0%')} of the units pass 25% or less, "
                      f"{a['n_dead']} never")
     return "\n".join(lines)
