@@ -2,6 +2,7 @@
 classes and normalisation, pruning any layer (the real `weightablate` command, via main())."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -258,3 +259,50 @@ def test_class_map_rules_and_errors(tmp_path, folder, capsys):
     assert "--normalize" in err
     err = run_error(["run", "--num-classes", "5", "--out", str(tmp_path / "o")], capsys)
     assert "--num-classes" in err and "digits" in err
+
+
+# --- the report's words -------------------------------------------------------------------------
+
+def test_rerendered_report_keeps_the_notes_and_numbers_sections_without_gaps(tmp_path, cache_home, capsys):
+    """fc1 of the digits MLP has no closed form: the run leaves obd/taylor2 out and says why; `report DIR`
+    says it again. A report without train data or activations numbers its sections 1, 2, 3, 4."""
+    import json
+    import re
+
+    run = tmp_path / "run"
+    assert main(["run", "--layer", "fc1", "--weights", "40", "--out", str(run), "--quiet"]) == 0
+    skipped = json.loads((run / "summary.json").read_text())["criteria"]["skipped"]
+    assert set(skipped) == {"obd", "taylor2"} and all(skipped.values())
+    again = tmp_path / "again"
+    assert main(["report", str(run), "--out", str(again), "--quiet"]) == 0
+    page = (again / "report.html").read_text()
+    assert json.loads((again / "summary.json").read_text())["criteria"]["skipped"] == skipped
+    for name in ("obd", "taylor2"):
+        assert f"{name} left out:" in page
+    headings = re.findall(r"<h2>(\d+)\. ", page)
+    assert headings == [str(k) for k in range(1, len(headings) + 1)] and len(headings) == 6
+    bare = tmp_path / "bare"
+    assert main(["report", str(run / "results.npz"), "--out", str(bare), "--quiet"]) == 0
+    headings = re.findall(r"<h2>(\d+)\. ([^<]*)</h2>", (bare / "report.html").read_text())
+    assert [h[0] for h in headings] == ["1", "2", "3", "4"] and headings[3][1].startswith("Pruning criteria")
+
+
+def test_plural_forms_and_integer_flip_ticks():
+    from weightablate import AblationResult
+    from weightablate.reporting import fig_flips
+    from weightablate.summary import format_summary, summarize
+
+    idx = torch.arange(3)
+    res = AblationResult(indices=idx, rows=idx // 3, cols=idx % 3, weight=torch.tensor([0.5, -1.0, 2.0]),
+                         delta_loss=torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64), delta_kl=None,
+                         flips=torch.tensor([0, 1, 0]), new_errors=torch.tensor([0, 1, 0]),
+                         new_correct=torch.tensor([0, 0, 0]), exact_zero=torch.tensor([False, False, True]),
+                         n_samples=1, base_loss=0.3, base_accuracy=1.0, layer="l", layer_shape=(1, 3))
+    text = format_summary(summarize(res))
+    for phrase in ("1 weight lowers the loss", "1 changes no logit", "1 weight flips any", "at most 1 new error,",
+                   "1 sample"):
+        assert phrase in text, phrase
+    assert "1 weights" not in text and "1 samples" not in text
+    fig = fig_flips(np.arange(3), np.array([5, 1, 2]))
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

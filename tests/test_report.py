@@ -409,7 +409,9 @@ def test_pruning_section_numbers_and_figure(tmp_path):
     info = d["report"]["figures"]["pruning"]
     assert png_size(tmp_path / "out" / "pruning.png") == (info["width"], info["height"])
     page = (tmp_path / "out" / "report.html").read_text()
-    assert 'id="fig-pruning"' in page and "7. Pruning" in page
+    headings = re.findall(r"<h2>(\d+)\. ([^<]*)</h2>", page)  # numbered without gaps, pruning last
+    assert 'id="fig-pruning"' in page and headings[-1][1].startswith("Pruning: accuracy")
+    assert [int(k) for k, _ in headings] == list(range(1, len(headings) + 1)) and len(headings) < 7
 
 
 def test_pruning_input_errors(tmp_path):

@@ -141,12 +141,14 @@ def cmd_report(args) -> int:
                 raise CLIError(f"--train {str(p)!r}: no such file")
     result = concat(_load_all(files))
     train = concat(_load_all(train_files)) if train_files else None
-    criteria = None
+    criteria, notes = None, None
     if crit_path is not None and len(files) == 1:
         with np.load(crit_path) as z:
             idx = z["indices"]
             if idx.shape == tuple(result.indices.shape) and np.array_equal(idx, result.indices.numpy()):
-                criteria = {k: z[k] for k in z.files if k != "indices"}
+                criteria = {k: z[k] for k in z.files if k not in ("indices", "__notes__")}
+                if "__notes__" in z.files:
+                    notes = json.loads(str(z["__notes__"]))  # the criteria's source, what was left out
     activations = ActivationStats.load(act_path) if act_path is not None and len(files) == 1 else None
     for p in args.pruning or []:
         if not p.is_file():
@@ -155,7 +157,7 @@ def cmd_report(args) -> int:
     try:
         d = report(result, args.out, train_result=train, criteria=criteria, activations=activations, summary=summary,
                    symlog=not args.no_symlog, max_points=args.max_points, bootstrap=args.bootstrap, seed=args.seed,
-                   pruning=args.pruning, log=log)
+                   pruning=args.pruning, criteria_notes=notes, log=log)
     except ValueError as exc:
         if str(exc).startswith("pruning:"):
             raise CLIError(f"--pruning: {exc}") from None

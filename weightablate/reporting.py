@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .result import AblationResult, load
-from .summary import _corr, _distribution, _f, _np, positions, summarize, to_json
+from .summary import _corr, _distribution, _f, _np, count, positions, summarize, to_json
 
 MAX_POINTS = 20_000
 BOOTSTRAP = 1000
@@ -276,8 +276,8 @@ def fig_delta_hist(dl: np.ndarray, n_exact_zero: int, symlog: bool = True):
     counts, edges = np.histogram(dl, bins=HIST_BINS)
     info = {"histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
     neg, zero = int((dl < 0).sum()), int((dl == 0).sum())
-    note = (f"{dl.size} weights: {neg} with delta < 0 (zeroing helps), {zero} exactly 0 "
-            f"({n_exact_zero} change no logit at all)")
+    note = (f"{count(dl.size, 'weight')}: {neg} with delta < 0 (zeroing helps), {zero} exactly 0 "
+            f"({count(n_exact_zero, 'changes', 'change')} no logit at all)")
     axes[0].stairs(counts, edges, fill=True, color=_BLUE, alpha=0.8)
     axes[0].axvline(0, color=_RED, lw=0.8)
     axes[0].set_xlabel("delta_loss (summed CE change when the weight is zeroed)")
@@ -342,8 +342,11 @@ def fig_per_class(cls_stats, heat, labels):
 
 def fig_flips(values, counts):
     fig, (ax,) = _figure(7, 4)
+    from matplotlib.ticker import MaxNLocator
+
     ax.bar(values, counts, color=_BLUE, width=0.8)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # flips are counts: no 0.5 ticks
     ax.set_xlabel("prediction flips when the weight is zeroed")
     ax.set_ylabel("weights")
     return fig
@@ -436,7 +439,7 @@ def _pct(f: float) -> str:
 def report(results, out, *, model=None, layer=None, data=None, train_result=None, criteria=None,
            activations=None, summary: dict | None = None, symlog: bool = True, max_points: int = MAX_POINTS,
            bootstrap: int = BOOTSTRAP, seed: int = 0, batch_size: int | None = None, title: str | None = None,
-           pruning=None, log=None) -> dict:
+           pruning=None, criteria_notes: dict | None = None, log=None) -> dict:
     """Write the report of one ablation sweep into the directory ``out``; return ``summary.json``'s dict.
 
     Args:
@@ -448,6 +451,9 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
             result's layer) are computed on ``data`` (same forms as ``ablate``).
         train_result: the same weights ablated on other data (e.g. a train subset): train vs test.
         criteria: precomputed ``{name: scores}`` (layer-shaped, or one value per ablated weight).
+        criteria_notes: with ``criteria``, where they came from and why some were left out:
+            ``{"source": str, "skipped": {name: reason}}`` (saved in criteria.npz as ``__notes__``, so
+            that ``weightablate report DIR`` shows the run's notes again).
         activations: a precomputed ``ActivationStats`` (or a list of them).
         summary: a dict to merge into (default ``summarize(result, train_result)``).
         symlog: also draw the delta histogram on a symlog axis.
@@ -586,7 +592,8 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
         say(f"report: train vs test ({time.perf_counter() - started:.1f} s)")
 
     # 5. criteria
-    scores, skipped, source = _criteria_scores(result, criteria, model, layer, data, batch_size, out)
+    scores, skipped, source = _criteria_scores(result, criteria, model, layer, data, batch_size, out,
+                                               criteria_notes)
     if scores:
         rank_abs = _ranks(np.abs(dl))
         table, ranked = {}, {}
@@ -663,13 +670,13 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
     return d
 
 
-def _criteria_scores(result, given, model, layer, data, batch_size, out):
+def _criteria_scores(result, given, model, layer, data, batch_size, out, notes=None):
     from . import criteria as crit
 
     scores, skipped, source = {}, {}, "weights only (|w| and w^2; pass model and data for the others)"
     if given is not None:
         scores = {k: _pick(v, result) for k, v in given.items()}
-        source = "given"
+        source, skipped = (notes or {}).get("source", "given"), dict((notes or {}).get("skipped") or {})
     elif model is not None and data is not None and result.param == "bias":
         skipped = {name: "bias entries: the data-dependent criteria score weights" for name in crit.NAMES
                    if name not in ("magnitude", "squared")}
@@ -679,8 +686,9 @@ def _criteria_scores(result, given, model, layer, data, batch_size, out):
         full, skipped = crit._compute(model, target, data, crit.NAMES, batch_size=batch_size, strict=False)
         scores = {k: _pick(v, result) for k, v in full.items()}
         source = "computed from the model on the data given"
-        with open(out / "criteria.npz", "wb") as fh:
-            np.savez(fh, indices=_np(result.indices), **scores)
+        with open(out / "criteria.npz", "wb") as fh:  # the notes too: a re-rendered report shows them
+            np.savez(fh, indices=_np(result.indices), __notes__=np.array(json.dumps(
+                {"source": source, "skipped": skipped})), **scores)
     w = _np(result.weight).astype(np.float64)
     scores.setdefault("magnitude", np.abs(w))
     scores.setdefault("squared", w * w)
@@ -739,14 +747,14 @@ def _weights_table(items, keys, position="(row, col)") -> str:
     return _table([[cell(it, k) for k in keys] for it in items], [position if k == "at" else k for k in keys])
 
 
-_SECTIONS = (
-    ("delta", "1. Distribution of the loss change"),
-    ("weights", "2. The loss change and the weight's value"),
-    ("classes", "3. Classes and prediction flips"),
-    ("train", "4. Train vs test"),
-    ("criteria", "5. Pruning criteria against the exact truth"),
-    ("activations", "6. Activation statistics"),
-    ("pruning", "7. Pruning: accuracy against sparsity"),
+_SECTIONS = (  # numbered in the page in order of those present: no gaps
+    ("delta", "Distribution of the loss change"),
+    ("weights", "The loss change and the weight's value"),
+    ("classes", "Classes and prediction flips"),
+    ("train", "Train vs test"),
+    ("criteria", "Pruning criteria against the exact truth"),
+    ("activations", "Activation statistics"),
+    ("pruning", "Pruning: accuracy against sparsity"),
 )
 
 _SCRIPT = """
@@ -793,12 +801,10 @@ def render_html(d: dict, figures, title=None) -> str:
         head_rows.append(["seed", d["seed"]])
     body.append(_table(head_rows))
     present = {s for s, *_ in figures}
-    body.append("<nav>" + "".join(f'<a href="#{s}">{html.escape(t)}</a>' for s, t in _SECTIONS if s in present)
-                + "</nav>")
+    shown = [(s, f"{k}. {t}") for k, (s, t) in enumerate([(s, t) for s, t in _SECTIONS if s in present], 1)]
+    body.append("<nav>" + "".join(f'<a href="#{s}">{html.escape(t)}</a>' for s, t in shown) + "</nav>")
     text = _section_text(d)
-    for section, heading in _SECTIONS:
-        if section not in present:
-            continue
+    for section, heading in shown:
         body.append(f'<section id="{section}"><h2>{html.escape(heading)}</h2>')
         body.append(text.get(section, ""))
         for s, name, caption, png in figures:
@@ -861,13 +867,15 @@ def _section_text(d: dict) -> dict:
                             ["class", "weights hurting it", "weights helping it", "sum hurt", "sum help", "total"]))
         spec = pc.get("specificity", {})
         parts.append(f'<p>Share of a weight\'s absolute effect on its dominant class: median {_num(spec.get("q50"))}'
-                     f', {pc.get("n_share_above_half")} weights put more than half of it on one class. Most '
+                     f', {count(pc.get("n_share_above_half") or 0, "weight puts", "weights put")} more than half '
+                     'of it on one class. Most '
                      "class-specific (dominant class's part beyond all others together):</p>")
         parts.append(_weights_table(pc.get("most_specific"), ["at", "weight", "delta_loss", "class",
                                                               "class_delta", "share"], pos))
     fl = d.get("flips")
     if fl:
-        parts.append(f"<p>{fl['n_with_flips']} weights flip at least one prediction; at most {fl['max_flips']}. "
+        parts.append(f"<p>{count(fl['n_with_flips'], 'weight flips', 'weights flip')} at least one prediction; "
+                     f"at most {fl['max_flips']}. "
                      "Most flips:</p>")
         parts.append(_weights_table(fl.get("most_flips"), ["at", "weight", "delta_loss", "flips",
                                                            "new_errors", "new_correct"], pos))
@@ -926,7 +934,8 @@ def format_report(d: dict) -> str:
                      f"Pearson {_ci(tv.get('pearson_ci95'))}  Spearman {_ci(tv.get('spearman_ci95'))}")
     cr = d.get("criteria")
     if cr:
-        lines.append(f"pruning criteria vs the exact delta_loss ({cr['n_weights']} weights; top/bottom overlap of "
+        lines.append(f"pruning criteria vs the exact delta_loss ({count(cr['n_weights'], 'weight')}; top/bottom "
+                     "overlap of "
                      f"the {' / '.join(_pct(f) for f in FRACTIONS)} sets):")
         for name, row in cr["scores"].items():
             lines.append(f"  {name:<10} Spearman {_num(row['spearman'], '+.3f')}  Kendall {_num(row['kendall'], '+.3f')}"

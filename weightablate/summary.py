@@ -143,6 +143,11 @@ def _train_vs_test(result, train_result) -> dict:
     return out
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` and the words in agreement with it: count(1, "weight flips", "weights flip")."""
+    return f"{n} {one if n == 1 else (many if many is not None else one + 's')}"
+
+
 def _g(x, spec=".4g") -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -153,7 +158,7 @@ def format_summary(d: dict) -> str:
     what = "bias entries" if d.get("param") == "bias" else "weights"
     lines = [
         f"layer {d['layer']} ({'x'.join(map(str, shape))}), {d['n_weights']} {what} ablated one at a time, "
-        f"{d['n_samples']} samples",
+        f"{count(d['n_samples'], 'sample')}",
         f"method {d['method']} ({d['head']}), backend {d['backend']}, mode {d['mode']}, "
         f"precision {d['precision']}, {d['seconds']:.2f} s",
         f"base: loss {d['base_loss']:.6g}, accuracy {d['base_accuracy']:.4f}",
@@ -166,12 +171,13 @@ def format_summary(d: dict) -> str:
             "  min {}  1% {}  50% {}  99% {}  max {}".format(*(_g(q[k]) for k in ("min", "q01", "q50", "q99", "max"))),
             f"  per sample (mean-loss change): mean {_g(d['delta_loss_mean_per_sample']['mean'])}, "
             f"max {_g(d['delta_loss_mean_per_sample']['max'])}",
-            f"  {d['n_negative']} weights lower the loss when zeroed (delta < 0); "
-            f"{d['n_exact_zero']} change no logit at all (exactly zero)",
+            f"  {count(d['n_negative'], 'weight lowers', 'weights lower')} the loss when zeroed (delta < 0); "
+            f"{count(d['n_exact_zero'], 'changes', 'change')} no logit at all (exactly zero)",
         ]
     if "max_flips" in d:
-        lines.append(f"prediction flips: at most {d['max_flips']} per weight; {d['n_with_flips']} weights flip any "
-                     f"(at most {d['max_new_errors']} new errors, {d['max_new_correct']} newly correct)")
+        lines.append(f"prediction flips: at most {d['max_flips']} per weight; "
+                     f"{count(d['n_with_flips'], 'weight flips', 'weights flip')} any "
+                     f"(at most {count(d['max_new_errors'], 'new error')}, {d['max_new_correct']} newly correct)")
     if "correlation" in d:
         c = d["correlation"]
         lines.append("delta_loss vs |w|: Pearson {}  Spearman {};  vs w^2: Pearson {}  Spearman {}".format(
@@ -188,10 +194,10 @@ def format_summary(d: dict) -> str:
                   for t in d["top"]]
     if "train" in d:
         t = d["train"]
-        lines.append(f"train subset: {t['n_samples']} samples, loss {t['base_loss']:.6g}, "
+        lines.append(f"train subset: {count(t['n_samples'], 'sample')}, loss {t['base_loss']:.6g}, "
                      f"accuracy {t['base_accuracy']:.4f}, {t['seconds']:.2f} s")
         if "pearson" in t:
-            lines.append(f"train vs test delta_loss over {t['n_common_weights']} weights: "
+            lines.append(f"train vs test delta_loss over {count(t['n_common_weights'], 'weight')}: "
                          f"Pearson {_g(t['pearson'], '.3f')}  Spearman {_g(t['spearman'], '.3f')}")
     return "\n".join(lines)
 
