@@ -1,4 +1,4 @@
-// Cancellation-free scalar helpers shared by the CPU and CUDA kernels (DESIGN.md).
+// Cancellation-free scalar helpers shared by the CPU and CUDA kernels (docs/DESIGN.md).
 #pragma once
 #include <cmath>
 

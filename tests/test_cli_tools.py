@@ -306,3 +306,20 @@ def test_plural_forms_and_integer_flip_ticks():
     fig = fig_flips(np.arange(3), np.array([5, 1, 2]))
     ticks = fig.axes[0].get_xticks()
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_documentation_links_stay_inside_the_repository():
+    """README.md and docs/*.md link only to files a clone has (not ../shared/DESIGN.md)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert (root / "docs" / "DESIGN.md") in pages
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            path = (page.parent / target).resolve()
+            assert path.is_relative_to(root) and path.exists(), (page.name, target)
+    assert "docs/DESIGN.md" in (root / "README.md").read_text()

@@ -106,7 +106,7 @@ def test_float32_model_within_stated_bound(case, backend, mode):
 
 
 def test_cancellation_free_where_float32_naive_fails():
-    """The point of DESIGN.md's forms: on a trained model the float32 naive loop reports zeros
+    """The point of the forms of docs/DESIGN.md: on a trained model the float32 naive loop reports zeros
     (or errors > 1e-3) for weights whose float64 delta is not zero; weightablate does not."""
     torch.manual_seed(0)
     X, y = digits(600)

@@ -435,7 +435,7 @@ def _mp_kl(logits, shift):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("mode", ["auto", "exact"])
 def test_delta_kl_accurate_on_confident_predictions(gap, backend, mode):
-    """delta_kl must be accurate relative to itself (DESIGN.md: no cancellation), also when the
+    """delta_kl must be accurate relative to itself (docs/DESIGN.md: no cancellation), also when the
     model is confident and the KL of a small perturbation is tiny: KL ~ d^2 Var_p(v) / 2."""
     n_cls, n = 3, 4
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, n_cls)).double()

@@ -1,4 +1,4 @@
-"""The closed-form method (DESIGN.md): the target's change reaches the logits through one known
+"""The closed-form method (docs/DESIGN.md): the target's change reaches the logits through one known
 direction per unit, so each (sample, weight) pair costs one scalar d and the two kernels."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The channel funnel (DESIGN.md): a target whose changed channel reaches the final Linear through
+"""The channel funnel (docs/DESIGN.md): a target whose changed channel reaches the final Linear through
 per-channel maps only (BatchNorm in eval, element-wise activations, a residual add of values that
 do not depend on the target, global average pooling, flatten) moves the logits along one column
 of the final Linear: one float64 scalar d per (ablation, sample), then the closed form's stage-2

@@ -66,7 +66,7 @@ class Replay:
 def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool):
     """The sweep's 7-tuple from the change of the logits dl (K, N, C) float64.
 
-    KL(p || p') = log sum_c p_c exp(dl_c - E_p dl) and dCE = KL + E_p dl - dl_y (DESIGN.md):
+    KL(p || p') = log sum_c p_c exp(dl_c - E_p dl) and dCE = KL + E_p dl - dl_y (docs/DESIGN.md):
     never the difference of two losses."""
     K, N, C = dl.shape
     device = dl.device

@@ -133,7 +133,7 @@ WA_INLINE Shifted exact_kl(const double* p, const double* v, int64_t C, double d
   return {lse, lse};
 }
 
-// Moment path (DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
+// Moment path (docs/DESIGN.md): S = sum_k d^k/k! m_k; KL = S2 + (log1p(S) - S), S2 = S - d m1.
 // Returns false when the truncation tail is not certified below kMomentCertTol x KL.
 WA_INLINE bool moment_kl(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
   const double x = std::fabs(d) * vabs;
