@@ -105,7 +105,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
-    ``d_n = s(z_ni - W_ij a_nj) - s(z_ni)`` and the logits move by ``d_n * V[:, i]`` (DESIGN.md);
+    ``d_n = s(z_ni - W_ij a_nj) - s(z_ni)`` and the logits move by ``d_n * V[:, i]`` (docs/DESIGN.md);
     the loss and KL changes are computed from that rank-one correction without ever subtracting
     two losses, and summed over samples in float64.
 
@@ -158,7 +158,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     full result (equal to a one-process run). ablate writes no files except its checkpoints.
 
     Methods (``res.method``), the fastest exact one that fits is chosen (weightablate.dispatch):
-    the closed forms of DESIGN.md ("logits", "piecewise", "elementwise") for a Linear followed by
+    the closed forms of docs/DESIGN.md ("logits", "piecewise", "elementwise") for a Linear followed by
     element-wise maps and the final Linear; "funnel" for a layer whose changed channel reaches the
     final Linear through per-channel maps, a residual add and global average pooling (ResNet's last
     conv); "replay" for anything torch.fx can trace: the nodes that depend on the layer run again

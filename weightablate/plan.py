@@ -1,4 +1,4 @@
-"""Inspect what runs after the target layer and reduce it to a closed-form head (DESIGN.md).
+"""Inspect what runs after the target layer and reduce it to a closed-form head (docs/DESIGN.md).
 
 Three kinds, all exact:
   logits       the target's output is the logits: v = e_i
