@@ -13,6 +13,9 @@ import torch
 MOMENT_CERT_TOL = 1e-10  # csrc/numerics.h: kMomentCertTol
 MOMENT_MIN_VAR_RATIO = 1e-6  # kMomentMinVarRatio
 PHI_SERIES_MAX = 0.25  # kPhiSeriesMax
+LOG_SPACE_MIN = 30.0  # kLogSpaceMin
+EXP_MAX = 700.0  # kExpMax
+TINY_P = 1e-290  # kTinyP
 _BLOCK = 1 << 22  # elements of one (pairs x classes) block
 
 
@@ -70,23 +73,33 @@ def _moment_kl(m, d, vabs):
     return s2 + log1p_minus(d * m1 + s2), m1, ok
 
 
-def _exact_kl(p, v, d):
-    """KL(p || softmax(l + d v)) over (B, C) blocks, and m1 = E_p v.
+def log_mean_exp(logits, x):
+    """log sum_c p_c e^(x_c) with p = softmax(logits), rows of (B, C): numerics.h's log_mean_exp.
+
+    From the logits with their maxima shifted out, so a class whose p_c underflows to 0 in float64
+    (logit gaps above ~745) still counts, and a common offset of the logits does not matter."""
+    g = logits - logits.amax(1, keepdim=True)
+    return torch.logsumexp(g + x, 1) - torch.logsumexp(g, 1)
+
+
+def _exact_kl(p, v, d, logits, rows):
+    """KL(p || softmax(l + d v)) over (B, C) blocks, and m1 = E_p v; ``logits[rows]`` are the rows' logits.
 
     With m1 rounded, t = sum p phi(d w) and r = sum p w = E_p v - m1 (rounding-sized), w = v - m1:
     S = t + d r = sum p (e^(d w) - 1) and KL = log1p(S) - d r, so the rounding of m1 does not reach
     the KL (it can flip the sign of a tiny one); m1 + r is the better mean. (The cpu kernel computes
-    the same KL as t + (log1p(S) - S) for small S: no log1p call there.)"""
+    the same KL as t + (log1p(S) - S) for small S: no log1p call there.) Rows whose shifts d w span
+    more than LOG_SPACE_MIN are computed from the logits instead (p e^(d w) may overflow there, or
+    hinge on a p that underflowed to 0)."""
     m1 = (p * v).sum(1)
     w = v - m1[:, None]
     x = d[:, None] * w
     t, r = (p * phi(x)).sum(1), (p * w).sum(1)
     s = t + d * r
     kl, mean = torch.log1p(s) - d * r, m1 + r
-    huge = x.abs().amax(1) > 30.0
+    huge = x.abs().amax(1) > LOG_SPACE_MIN
     if huge.any():
-        lse = torch.logsumexp(torch.log(p) + x, 1)
-        kl, mean = torch.where(huge, lse, kl), torch.where(huge, m1, mean)
+        kl[huge], mean[huge] = log_mean_exp(logits[rows[huge]], x[huge]), m1[huge]
     return kl, mean
 
 
@@ -113,6 +126,12 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
             pi = p.gather(1, i[:, None])[:, 0]
             qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
             kl = torch.log1p(pi * phi(dd * qi) + qi * phi(-dd * pi))
+            a = dd.abs()
+            huge = (a > LOG_SPACE_MIN) & ((a > EXP_MAX) | (torch.minimum(pi, qi) < TINY_P))
+            if huge.any():  # numerics.h's unit_needs_logits; the shifts are d q_i at i and -d p_i elsewhere
+                hot = torch.nn.functional.one_hot(i[huge], C).bool()
+                x = dd[huge, None] * torch.where(hot, qi[huge, None], -pi[huge, None])
+                kl[huge] = log_mean_exp(logits[n[huge]], x)
             dce = kl + dd * torch.where(i == y, -qi, pi)
             rng = torch.ones_like(dd) if C > 1 else torch.zeros_like(dd)
         else:
@@ -129,7 +148,7 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
                     ok = ok & has
                     kl, m1, todo = torch.where(ok, kl_m, kl), torch.where(ok, m1_m, m1), ~ok
             if todo.any():
-                kl_e, m1_e = _exact_kl(p[todo], v[todo], dd[todo])
+                kl_e, m1_e = _exact_kl(p[todo], v[todo], dd[todo], logits, n[todo])
                 kl[todo], m1[todo] = kl_e, m1_e
             dce = kl + dd * (m1 - v.gather(1, y[:, None])[:, 0])
             rng = vrange[i]

@@ -76,12 +76,13 @@ def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool
     nonzero = (dl != 0).reshape(K, -1).any(1)
     step = max(1, SCORE_BLOCK // max(N * C, 1))
     ones = torch.ones(N, dtype=torch.float64, device=device)
+    samples = torch.arange(N, device=device)
     for s in range(0, K, step):
         block = dl[s : s + step]
         k = block.shape[0]
         p = batch.probs.unsqueeze(0).expand(k, N, C).reshape(-1, C)
         v = block.reshape(-1, C)
-        kl, m1 = _exact_kl(p, v, ones.repeat(k))
+        kl, m1 = _exact_kl(p, v, ones.repeat(k), batch.logits, samples.repeat(k))
         dce = kl + m1 - v.gather(1, batch.labels.repeat(k)[:, None])[:, 0]
         dloss[s : s + k] = dce.view(k, N).sum(1)
         dkl[s : s + k] = kl.view(k, N).sum(1)

@@ -120,16 +120,14 @@ Shifted centered_sum_general(const double* p, const double* v, int64_t C, double
   return from_sums(t, r, d);
 }
 
-// The pair's Shifted without cancellation; range = max(v) - min(v) bounds |d (v_c - m1)| / |d|.
-WA_INLINE Shifted exact_kl(const double* p, const double* v, int64_t C, double d, double m1, double range) {
+// The pair's Shifted without cancellation; range = max(v) - min(v) bounds |d (v_c - m1)| / |d|;
+// l = the sample's logits, for the pairs beyond kLogSpaceMin (KL >> the rounding of m1 there).
+WA_INLINE Shifted exact_kl(const double* p, const double* l, const double* v, int64_t C, double d, double m1,
+                           double range) {
   const double x = std::fabs(d) * range;
   if (x <= kPhiSeriesMax) return centered_sum_series(p, v, C, d, m1, x);
-  if (x <= 30.0) return centered_sum_general(p, v, C, d, m1);
-  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp (KL >> the rounding of m1)
-  for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
-  double s = 0.0;
-  for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
-  const double lse = mx + std::log(s);
+  if (x <= kLogSpaceMin) return centered_sum_general(p, v, C, d, m1);
+  const double lse = log_mean_exp(l, v, C, d, m1, -1, 0.0);
   return {lse, lse};
 }
 
@@ -378,7 +376,8 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
         for (int j = 0; j < nl; ++j) {
           const int64_t n = idx[j];
           const Shifted e = xmax <= kPhiSeriesMax ? from_sums(t[j], r[j], dd[j])
-                                                  : exact_kl(a.probs + n * C, v, C, dd[j], m1[j], range);
+                                                  : exact_kl(a.probs + n * C, a.logits + n * C, v, C, dd[j],
+                                                             m1[j], range);
           finish(n, dd[j], e.lse + dd[j] * (m1[j] - v[a.labels[n]]), e.kl);
         }
       }
@@ -400,7 +399,8 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
       } else {
         const double pi = p[i];
         const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
-        kl_buf[j] = std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
+        kl_buf[j] = unit_needs_logits(dd, pi, qi) ? log_mean_exp(a.logits + n * C, nullptr, C, dd, pi, i, qi)
+                                                  : std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
         dce_buf[j] = kl_buf[j] + dd * (i == y ? -qi : pi);
       }
     }
@@ -436,7 +436,7 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
         const int64_t j = js[g], n = nz[j];
         const double* p = a.probs + n * C;
         const double m1 = dot(p, v, C);
-        const Shifted e = exact_kl(p, v, C, dk[n], m1, range);
+        const Shifted e = exact_kl(p, a.logits + n * C, v, C, dk[n], m1, range);
         kl_buf[j] = e.kl;
         dce_buf[j] = e.lse + dk[n] * (m1 - v[a.labels[n]]);
       }

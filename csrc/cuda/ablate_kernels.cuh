@@ -100,11 +100,12 @@ __global__ void sample_stats_kernel(const double* __restrict__ l, const double* 
 // KL(p || softmax(l + d v)) for one pair, as the cpu kernel's exact_kl: with m1 = E_p[v] rounded,
 // t = sum_c p_c phi(d w_c) >= 0 and r = sum_c p_c w_c (rounding-sized), w = v - m1: S = t + d r,
 // KL = log1p(S) - d r = t + log1p_minus(S), so the rounding of m1 does not reach the KL; *mean = m1 + r.
-__device__ double exact_kl_dev(const double* p, const double* v, int64_t C, double d, double m1, double range,
-                               double* mean) {
+// l = the sample's logits, for the pairs beyond kLogSpaceMin (numerics.h's log_mean_exp).
+__device__ double exact_kl_dev(const double* p, const double* l, const double* v, int64_t C, double d, double m1,
+                               double range, double* mean) {
   const double x = fabs(d) * range;
   *mean = m1;
-  if (x <= 30.0) {
+  if (x <= kLogSpaceMin) {
     double t = 0.0, r = 0.0;
     for (int64_t c = 0; c < C; ++c) {
       const double w = v[c] - m1;
@@ -115,11 +116,7 @@ __device__ double exact_kl_dev(const double* p, const double* v, int64_t C, doub
     const double s = t + d * r;
     return fabs(s) >= 0.1 ? log1p(s) - d * r : t + log1p_minus(s);
   }
-  double mx = -INFINITY;  // huge d: log-sum-exp (the KL dwarfs the rounding of m1)
-  for (int64_t c = 0; c < C; ++c) mx = fmax(mx, log(p[c]) + d * (v[c] - m1));
-  double s = 0.0;
-  for (int64_t c = 0; c < C; ++c) s += exp(log(p[c]) + d * (v[c] - m1) - mx);
-  return mx + log(s);
+  return log_mean_exp(l, v, C, d, m1, -1, 0.0);  // from the logits (the KL dwarfs the rounding of m1)
 }
 
 __device__ bool moment_kl_dev(const double* m, int64_t order, int64_t stride, double d, double vabs, double* kl) {
@@ -213,13 +210,14 @@ __global__ void score_deltas_kernel(const double* __restrict__ dmat, const int64
       } else {
         m1 = 0.0;
         for (int64_t c = 0; c < C; ++c) m1 += p[c] * v[c];
-        kl = exact_kl_dev(p, v, C, dd, m1, range, &m1);
+        kl = exact_kl_dev(p, logits + n * C, v, C, dd, m1, range, &m1);
       }
       dce = kl + dd * (m1 - v[y]);
     } else {
       const double pi = p[i];
       const double qi = (i == top[n] && pi > 0.5) ? q_top[n] : 1.0 - pi;
-      kl = log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
+      kl = unit_needs_logits(dd, pi, qi) ? log_mean_exp(logits + n * C, nullptr, C, dd, pi, i, qi)
+                                         : log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
       dce = kl + dd * (i == y ? -qi : pi);
     }
     sum_loss += dce;
