@@ -25,4 +25,13 @@ TORCH_LIBRARY(weightablate, m) {
       "score_deltas(Tensor d, Tensor unit, Tensor? head, Tensor probs, Tensor logits, "
       "Tensor labels, Tensor? moments, Tensor? moment_slot, bool flips, bool by_class=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Both stages fused for a piecewise or logits head, d never stored: score_deltas' seven outputs
+  // plus exact_pairs (pairs the exact O(C) loop scored) and active_pairs (pairs with d != 0).
+  // moments (D, M, N) are about each sample's top class: sum_c p_nc (v_c - v_top(n))^k;
+  // mean_gap (M, N) = E_p[v] - v_y.
+  m.def(
+      "fused_scores(Tensor a_t, Tensor z_t, Tensor rows, Tensor cols, Tensor w, Tensor gain, Tensor shift, "
+      "Tensor slope, Tensor? head, Tensor probs, Tensor logits, Tensor labels, Tensor? moments, "
+      "Tensor? mean_gap, Tensor? moment_slot, bool flips, bool by_class=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

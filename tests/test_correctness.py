@@ -155,6 +155,7 @@ def test_few_classes_skip_the_moment_path(monkeypatch):
     calls = []
     real = closed_form._moments
     monkeypatch.setattr(closed_form, "_moments", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(closed_form, "FUSED_MIN_RUN", 1 << 62)  # the two-stage path (tests/test_fused.py: fused)
     auto = wa.ablate(model, layer, (X, y), backend="cpu")
     assert not calls, "10 classes took the moment path"
     exact = wa.ablate(model, layer, (X, y), backend="cpu", mode="exact")

@@ -254,6 +254,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         if resolved == "naive":
             out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
             kind, head_desc = "naive", "zero, evaluate, restore"
+            counts = {}
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             with distributed.fail_together():
@@ -275,6 +276,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                                                             max_memory=max_memory, progress=progress,
                                                             total_batches=total, checkpoint=checkpoint)
             kind, head_desc = scorer.kind, scorer.description
+            counts = getattr(scorer, "counts", {})  # the fused path's pairs and its exact fraction
             if parts is not None:
                 out = distributed.gather(parts, out, flat.numel())
     finally:
@@ -296,4 +298,4 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         precision=precision, seconds=time.perf_counter() - started,
         extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
                   if tensor.dtype in HALF and precision == "model" else {}),
-               **({"self_check": checked} if checked else {})})
+               **({"self_check": checked} if checked else {}), **counts})

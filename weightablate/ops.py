@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import _reference
+from . import _fused_reference, _reference
 
 BACKENDS = ("auto", "cpu", "cuda", "torch", "naive")
 # Compiled kernels that backend="auto" picks. The CUDA kernels compile everywhere but have not
@@ -49,6 +49,16 @@ if _LOAD_ERROR is None:
         f, i = d.new_empty(k), d.new_empty(k, dtype=torch.int64)
         split = d.new_empty((k, probs.shape[1] if by_class else 0))
         return f, f.clone(), i, i.clone(), i.clone(), d.new_empty(k, dtype=torch.bool), split
+
+    if hasattr(torch.ops.weightablate, "fused_scores"):  # a library built before the op lacks it
+        @torch.library.register_fake("weightablate::fused_scores")
+        def _fused_scores_fake(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logits, labels, moments,
+                               mean_gap, moment_slot, flips, by_class=False):
+            k = rows.shape[0]
+            f, i = probs.new_empty(k), probs.new_empty(k, dtype=torch.int64)
+            split = probs.new_empty((k, probs.shape[1] if by_class else 0))
+            return (f, f.clone(), i, i.clone(), i.clone(), probs.new_empty(k, dtype=torch.bool), split, i.clone(),
+                    i.clone())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -106,3 +116,22 @@ def score_deltas(backend, d, unit, head, probs, logits, labels, moments=None, mo
     """
     fn = _reference.score_deltas if backend == "torch" else torch.ops.weightablate.score_deltas
     return fn(d, unit, head, probs, logits, labels, moments, moment_slot, flips, by_class)
+
+
+def has_fused(backend: str) -> bool:
+    """Whether ``backend`` has the fused whole-layer kernel (fused_scores)."""
+    return backend in ("cpu", "cuda") and _has_kernel("fused_scores", backend.upper())
+
+
+def fused_scores(backend, a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logits, labels, moments=None,
+                 mean_gap=None, moment_slot=None, flips=True, by_class=False):
+    """pair_deltas then score_deltas in one pass, d never stored (a piecewise or logits head).
+
+    Same inputs as the two ops (``head`` None: the target is the logits layer) and the same seven
+    outputs, plus ``exact_pairs`` and ``active_pairs`` (K,) int64: the pairs the exact O(C) loop
+    scored, and the pairs with d != 0. ``moments`` (D, M, N) are about each sample's top class
+    (``weightablate.fused.top_moments``), ``mean_gap`` (M, N) = E_p[v] - v_y.
+    """
+    fn = _fused_reference.fused_scores if backend == "torch" else torch.ops.weightablate.fused_scores
+    return fn(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logits, labels, moments, mean_gap,
+              moment_slot, flips, by_class)

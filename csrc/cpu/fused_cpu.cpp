@@ -1,0 +1,412 @@
+// The fused whole-layer op on the CPU: d, the moment series, flips and the per-weight float64 sums
+// in one pass, d never leaving registers (pair_deltas + score_deltas without the K x N round trip).
+//
+// Weights are taken in runs of one unit (consecutive equal rows), samples in tiles of kTile. Per
+// (run, tile) the unit's per-sample values are laid out once (u = gain z + shift, the moments
+// divided by k!, the certificate's scale); then each weight of the run is one vectorised loop over
+// the tile, lanes across samples. Pairs the loop cannot finish (series not certified, or a flip
+// candidate) are marked and resolved one by one after it: the scalar moment path, else the exact
+// O(C) loop, which is counted (exact_pairs).
+#pragma GCC optimize("fp-contract=off")  // d bit-identical to pair_deltas; the series' FMAs are explicit
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "../fused_args.h"
+#include "../numerics.h"
+#include "clones.h"
+
+namespace weightablate {
+namespace {
+
+constexpr int64_t kTile = 256;   // samples per tile: the unit's tile values stay in L1
+constexpr int kMaxOrder = 8;     // moments up to this order
+constexpr double kLogSeriesMax = 6.5e-3;  // |S| up to which the loop's log1p series (degree 9) is exact
+constexpr double kMinQ = 1e-200;  // below this (but > 0) q's moments may be subnormal: exact loop
+
+constexpr double kInvFact[kMaxOrder + 2] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+                                            1.0 / 5040, 1.0 / 40320, 1.0 / 362880};
+
+// log1p(s) - s = sum_{k=2..9} (-1)^(k+1) s^k / k, |s| <= kLogSeriesMax (truncation < 1e-18 relative).
+WA_INLINE double log1p_minus_9(double s) {
+  double acc = 1.0 / 9;
+  acc = std::fma(acc, s, -1.0 / 8);
+  acc = std::fma(acc, s, 1.0 / 7);
+  acc = std::fma(acc, s, -1.0 / 6);
+  acc = std::fma(acc, s, 1.0 / 5);
+  acc = std::fma(acc, s, -1.0 / 4);
+  acc = std::fma(acc, s, 1.0 / 3);
+  acc = std::fma(acc, s, -1.0 / 2);
+  return acc * s * s;
+}
+
+// pair_deltas' d (same operations, same values): s(u - g delta) - s(u), delta = w a.
+WA_INLINE double leaky_d(double wk, double a, double u, double g, double sl) {
+  const double delta = wk * a;
+  const double du = -g * delta, up = u + du;
+  const double su = sl * u, sup = sl * up, sdu = sl * du;
+  const bool pos = u > 0, pos_up = up > 0;
+  const double mixed = (pos_up ? up : sup) - (pos ? u : su);
+  const double r = pos == pos_up ? (pos ? du : sdu) : mixed;
+  return delta == 0.0 ? 0.0 : r;
+}
+
+struct SampleStats {
+  std::vector<int64_t> top;    // base prediction (first maximum, as torch.argmax)
+  std::vector<double> margin;  // top-1 minus top-2 logit (+inf for one class)
+  std::vector<double> q;       // sum of p over the classes other than top
+};
+
+SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C) {
+  SampleStats s{std::vector<int64_t>(N), std::vector<double>(N), std::vector<double>(N)};
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const double* ln = l + n * C;
+      int64_t top = 0;
+      for (int64_t c = 1; c < C; ++c) top = ln[c] > ln[top] ? c : top;
+      double second = -std::numeric_limits<double>::infinity(), q = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        if (c == top) continue;
+        second = ln[c] > second ? ln[c] : second;
+        q += p[n * C + c];
+      }
+      s.top[n] = top, s.margin[n] = ln[top] - second, s.q[n] = q;
+    }
+  });
+  return s;
+}
+
+// The pair's exact O(C) result (score_deltas' exact_kl, shifted by m1 = E_p v): {dCE, KL}.
+struct Pair {
+  double dce, kl;
+};
+
+WA_INLINE Pair from_sums(double t, double r, double d, double gap) {
+  // t = sum p phi(d w), r = sum p w, w = v - m1: S = t + d r; KL = log1p(S) - d r; dCE = lse + d gap
+  const double s = t + d * r;
+  double lse, kl;
+  if (std::fabs(s) >= 0.1) {
+    lse = std::log1p(s), kl = lse - d * r;
+  } else {
+    const double lm = log1p_minus(s);
+    lse = s + lm, kl = t + lm;
+  }
+  return {lse + d * gap, kl};
+}
+
+Pair exact_pair(const double* p, const double* v, int64_t C, int64_t y, double d, double range) {
+  double m1 = 0.0;
+  for (int64_t c = 0; c < C; ++c) m1 += p[c] * v[c];
+  const double gap = m1 - v[y];
+  if (std::fabs(d) * range <= 30.0) {
+    double t = 0.0, r = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double w = v[c] - m1;
+      t += p[c] * phi(d * w);
+      r += p[c] * w;
+    }
+    return from_sums(t, r, d, gap);
+  }
+  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp
+  for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
+  double s = 0.0;
+  for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
+  const double lse = mx + std::log(s);
+  return {lse + d * gap, lse};
+}
+
+int64_t argmax_shifted(const double* l, const double* v, int64_t C, double d, int64_t unit) {
+  int64_t best = 0;
+  double best_val = -std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < C; ++c) {
+    const double val = v ? l[c] + d * v[c] : (c == unit ? l[c] + d : l[c]);
+    if (val > best_val) best_val = val, best = c;
+  }
+  return best;
+}
+
+struct FusedArgs {
+  const void *a_t, *z_t;  // scalar_t
+  const int64_t *rows, *cols, *labels, *slot, *run_begin;
+  const void* w;
+  const double *gain, *shift, *slope, *head, *probs, *logits, *moments, *gap, *range;
+  const SampleStats* st;
+  int64_t N, C, M, order;
+  bool want_flips;
+  double *loss, *kl, *cls;
+  int64_t *flips, *err, *corr, *exact, *active;
+  bool* nonzero;
+};
+
+// Per-(run, tile) values of one unit, and the per-weight results of the tile's marked pairs.
+struct Tile {
+  double u[kTile], ck[kMaxOrder][kTile], gap[kTile], cap[kTile], qe[kTile], margin[kTile];
+  double d[kTile], dce[kTile];
+  int8_t code[kTile];  // bit 0: KL not done by the loop; bit 1: flip candidate
+};
+
+// Sums of one weight over one tile's samples [n0, n0 + nt).
+struct Sums {
+  double loss = 0.0, kl = 0.0;
+  int64_t flips = 0, err = 0, corr = 0, exact = 0, active = 0;
+};
+
+// The unit's tile values; slot < 0 (no moments): every pair marked for the exact loop.
+WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, const float* z_row_f, int64_t i,
+                            int64_t n0, int64_t nt, int D) {
+  const int64_t N = a.N;
+  const double g = a.gain[i], s = a.shift[i], rg = a.range[i];
+  const int64_t slot = a.slot ? a.slot[i] : -1;
+  for (int64_t n = 0; n < nt; ++n) {
+    const double z = z_row_d ? z_row_d[n0 + n] : static_cast<double>(z_row_f[n0 + n]);
+    t.u[n] = g * z + s;
+    t.margin[n] = a.want_flips ? a.st->margin[n0 + n] : std::numeric_limits<double>::infinity();
+  }
+  if (slot < 0 || !a.head) {
+    for (int k = 0; k < D; ++k) std::fill(t.ck[k], t.ck[k] + nt, 0.0);
+    std::fill(t.gap, t.gap + nt, 0.0), std::fill(t.qe, t.qe + nt, 0.0), std::fill(t.cap, t.cap + nt, -1.0);
+    return;
+  }
+  for (int k = 0; k < D; ++k) {
+    const double* mk = a.moments + (k * a.M + slot) * N + n0;
+    for (int64_t n = 0; n < nt; ++n) t.ck[k][n] = mk[n] * kInvFact[k + 1];
+  }
+  const double* gp = a.gap + slot * N + n0;
+  // certificate: truncation tail q e^x x^(D+1)/(D+1)! (e^x <= e for x <= 1/2, the 1/(1+S) of the
+  // log <= e^(1/2) more: e^1.5) <= kMomentCertTol x d^2 var / 2; and var must be well above the
+  // rounding of mu2 - mu1^2 (~1e-16 x 4 q range^2: the binomial shift to the top class)
+  const double tail_coef = std::exp(1.5) * kInvFact[D + 1];
+  for (int64_t n = 0; n < nt; ++n) {
+    const double m1 = t.ck[0][n], m2 = 2.0 * t.ck[1][n], q = a.st->q[n0 + n];
+    const double var = m2 - m1 * m1;
+    const bool gate = q == 0.0 || (q > kMinQ && var >= kMomentMinVarRatio * 4.0 * q * rg * rg);
+    t.gap[n] = gp[n];
+    t.qe[n] = q * tail_coef;
+    t.cap[n] = gate ? kMomentCertTol * 0.5 * var : -1.0;
+  }
+}
+
+// One weight over one tile, lanes across samples: the loop sums the certified pairs and marks the rest.
+template <int D, typename scalar_t>
+WA_INLINE void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, double sl, double range,
+                           int64_t nt, double& sum_loss, double& sum_kl, int64_t& n_marked, int64_t& n_active) {
+  double sl_ = 0.0, sk = 0.0;
+  int64_t marked = 0, active = 0;
+#pragma omp simd reduction(+ : sl_, sk, marked, active)
+  for (int64_t n = 0; n < nt; ++n) {
+    const double d = leaky_d(wk, static_cast<double>(a_row[n]), t.u[n], g, sl);
+    const double ad = std::fabs(d), x = ad * range, d2 = d * d;
+    // S2 = sum_{k=2..D} d^k mu_k / k! (Horner on d), S = d mu_1 + S2, KL = S2 + (log1p(S) - S)
+    double h = t.ck[D - 1][n];
+#pragma GCC unroll 8
+    for (int k = D - 2; k >= 1; --k) h = std::fma(h, d, t.ck[k][n]);
+    const double s2 = d2 * h, s = std::fma(d, t.ck[0][n], s2);
+    const double kl = s2 + log1p_minus_9(s);
+    const double dce = std::fma(d, t.gap[n], kl);
+    double xp = x;
+#pragma GCC unroll 8
+    for (int k = 0; k < D; ++k) xp *= x;  // x^(D+1)
+    const bool nz = d != 0.0;
+    const bool ok = x <= 0.5 && std::fabs(s) <= kLogSeriesMax && xp * t.qe[n] <= d2 * t.cap[n];
+    const bool cand = ad * range >= t.margin[n];
+    const bool take = nz && ok;
+    sl_ += take ? dce : 0.0;
+    sk += take ? kl : 0.0;
+    const int8_t code = static_cast<int8_t>((nz && !ok) | ((nz && cand) << 1));
+    t.code[n] = code;
+    t.d[n] = d;
+    t.dce[n] = take ? dce : 0.0;
+    marked += code != 0;
+    active += nz;
+  }
+  sum_loss += sl_, sum_kl += sk;
+  n_marked += marked, n_active += active;
+}
+
+// The marked pairs of one weight's tile, one by one: the moment path with the full log1p, else the
+// exact O(C) loop; flip candidates by argmax.
+WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, int64_t k, int64_t n0, int64_t nt,
+                              Sums& s) {
+  const int64_t C = a.C;
+  const double* v = a.head ? a.head + i * C : nullptr;
+  const double range = a.range[i];
+  for (int64_t n = 0; n < nt; ++n) {
+    if (!t.code[n]) continue;
+    const double d = t.d[n];
+    const int64_t sample = n0 + n, y = a.labels[sample];
+    if (t.code[n] & 1) {
+      Pair r;
+      const double x = std::fabs(d) * range, d2 = d * d;
+      double xp = x;
+      for (int q = 0; q < D; ++q) xp *= x;
+      if (v && x <= 0.5 && xp * t.qe[n] <= d2 * t.cap[n]) {
+        double h = t.ck[D - 1][n];
+        for (int q = D - 2; q >= 1; --q) h = std::fma(h, d, t.ck[q][n]);
+        const double s2 = d2 * h, sm = std::fma(d, t.ck[0][n], s2);
+        r.kl = s2 + log1p_minus(sm);
+        r.dce = std::fma(d, t.gap[n], r.kl);
+      } else if (v) {
+        r = exact_pair(a.probs + sample * C, v, C, y, d, range);
+        ++s.exact;
+      } else {  // logits layer (v = e_i): score_deltas' O(1) form
+        const double pi = a.probs[sample * C + i];
+        const double qi = (i == a.st->top[sample] && pi > 0.5) ? a.st->q[sample] : 1.0 - pi;
+        r.kl = std::log1p(pi * phi(d * qi) + qi * phi(-d * pi));
+        r.dce = r.kl + d * (i == y ? -qi : pi);
+      }
+      s.loss += r.dce, s.kl += r.kl;
+      t.dce[n] = r.dce;
+    }
+    if (t.code[n] & 2) {
+      const int64_t pred = a.st->top[sample];
+      const int64_t now = argmax_shifted(a.logits + sample * C, v, C, d, i);
+      if (now != pred) {
+        ++s.flips;
+        s.err += pred == y;
+        s.corr += now == y;
+      }
+    }
+  }
+}
+
+// Runs [rb, re): tiles outermost, so a tile of a_t is reused by every run of this block.
+template <int D, typename scalar_t>
+WA_INLINE void fused_runs_impl(const FusedArgs& a, int64_t rb, int64_t re) {
+  const int64_t N = a.N, C = a.C;
+  const auto* a_t = static_cast<const scalar_t*>(a.a_t);
+  const auto* z_t = static_cast<const scalar_t*>(a.z_t);
+  const auto* w = static_cast<const scalar_t*>(a.w);
+  auto tile = std::make_unique<Tile>();
+  Tile& t = *tile;
+  for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+    const int64_t nt = std::min(kTile, N - n0);
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t kb = a.run_begin[r], ke = a.run_begin[r + 1], i = a.rows[kb];
+      const scalar_t* z_row = z_t + i * N;
+      if constexpr (std::is_same_v<scalar_t, double>) lay_out_tile(a, t, z_row, nullptr, i, n0, nt, D);
+      else lay_out_tile(a, t, nullptr, z_row, i, n0, nt, D);
+      if (!a.head) std::fill(t.cap, t.cap + nt, -1.0);  // logits layer: every active pair is marked
+      const double g = a.gain[i], sl = a.slope[i], range = a.range[i];
+      for (int64_t k = kb; k < ke; ++k) {
+        Sums s;
+        int64_t marked = 0;
+        weight_tile<D>(t, a_t + a.cols[k] * N + n0, static_cast<double>(w[k]), g, sl, range, nt, s.loss, s.kl,
+                       marked, s.active);
+        if (marked) resolve_marked(a, t, D, i, k, n0, nt, s);
+        if (a.cls) {
+          double* row = a.cls + k * C;
+          for (int64_t n = 0; n < nt; ++n)
+            if (t.d[n] != 0.0) row[a.labels[n0 + n]] += t.dce[n];
+        }
+        a.loss[k] += s.loss, a.kl[k] += s.kl;
+        a.flips[k] += s.flips, a.err[k] += s.err, a.corr[k] += s.corr;
+        a.exact[k] += s.exact, a.active[k] += s.active;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+WA_INLINE void fused_runs_order(const FusedArgs& a, int64_t rb, int64_t re) {
+  switch (a.order) {
+    case 2: return fused_runs_impl<2, scalar_t>(a, rb, re);
+    case 3: return fused_runs_impl<3, scalar_t>(a, rb, re);
+    case 4: return fused_runs_impl<4, scalar_t>(a, rb, re);
+    case 5: return fused_runs_impl<5, scalar_t>(a, rb, re);
+    case 6: return fused_runs_impl<6, scalar_t>(a, rb, re);
+    case 7: return fused_runs_impl<7, scalar_t>(a, rb, re);
+    default: return fused_runs_impl<8, scalar_t>(a, rb, re);
+  }
+}
+
+WA_CLONES void fused_runs(const FusedArgs& a, int64_t rb, int64_t re, float) { fused_runs_order<float>(a, rb, re); }
+WA_CLONES void fused_runs(const FusedArgs& a, int64_t rb, int64_t re, double) { fused_runs_order<double>(a, rb, re); }
+
+// Per unit: range = max(v) - min(v) (bounds |v_c - v_top|); 1 for a logits layer (v = e_i).
+std::vector<double> unit_ranges(const double* head, int64_t U, int64_t C) {
+  std::vector<double> range(U, C > 1 ? 1.0 : 0.0);
+  if (!head) return range;
+  at::parallel_for(0, U, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double* v = head + i * C;
+      double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+      for (int64_t c = 0; c < C; ++c) lo = v[c] < lo ? v[c] : lo, hi = v[c] > hi ? v[c] : hi;
+      range[i] = C > 1 ? (lo > hi ? std::numeric_limits<double>::quiet_NaN() : hi - lo) : 0.0;
+    }
+  });
+  return range;
+}
+
+FusedOutputs fused_scores_cpu(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
+                              const at::Tensor& cols, const at::Tensor& w, const at::Tensor& gain,
+                              const at::Tensor& shift, const at::Tensor& slope, const std::optional<at::Tensor>& head,
+                              const at::Tensor& probs, const at::Tensor& logits, const at::Tensor& labels,
+                              const std::optional<at::Tensor>& moments, const std::optional<at::Tensor>& mean_gap,
+                              const std::optional<at::Tensor>& moment_slot, bool want_flips, bool by_class) {
+  const FusedSizes sz = check_fused_args(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logits, labels,
+                                         moments, mean_gap, moment_slot);
+  FusedOutputs out = zero_fused_outputs(a_t, sz.K, sz.C, by_class);
+  if (sz.K == 0 || sz.N == 0) return out;
+  auto& [dloss, dkl, flips, new_err, new_corr, nonzero, class_loss, exact, active] = out;
+  auto rows_c = rows.contiguous(), cols_c = cols.contiguous(), y_c = labels.contiguous();
+  TORCH_CHECK(rows_c.min().item<int64_t>() >= 0 && rows_c.max().item<int64_t>() < sz.I, "fused_scores: rows out of range");
+  TORCH_CHECK(cols_c.min().item<int64_t>() >= 0 && cols_c.max().item<int64_t>() < sz.J, "fused_scores: cols out of range");
+  TORCH_CHECK(y_c.min().item<int64_t>() >= 0 && y_c.max().item<int64_t>() < sz.C, "fused_scores: labels out of range");
+  TORCH_CHECK(!sz.has_head || sz.U == sz.I, "fused_scores: head has ", sz.U, " rows for ", sz.I, " units");
+  at::Tensor head_c, mom_c, gap_c, slot_c;
+  if (sz.has_head) head_c = head->contiguous();
+  if (sz.has_moments) {
+    mom_c = moments->contiguous(), gap_c = mean_gap->contiguous(), slot_c = moment_slot->contiguous();
+    TORCH_CHECK(slot_c.max().item<int64_t>() < sz.M, "fused_scores: moment_slot out of range");
+  }
+  auto a_c = a_t.contiguous(), z_c = z_t.contiguous(), w_c = w.contiguous(), p_c = probs.contiguous(),
+       l_c = logits.contiguous(), g_c = gain.contiguous(), s_c = shift.contiguous(), sl_c = slope.contiguous();
+  const SampleStats st = sample_stats(l_c.data_ptr<double>(), p_c.data_ptr<double>(), sz.N, sz.C);
+  const std::vector<double> range = unit_ranges(sz.has_head ? head_c.data_ptr<double>() : nullptr, sz.I, sz.C);
+  const int64_t* rp = rows_c.data_ptr<int64_t>();
+  std::vector<int64_t> run_begin{0};  // runs of consecutive weights of one unit
+  for (int64_t k = 1; k < sz.K; ++k)
+    if (rp[k] != rp[k - 1]) run_begin.push_back(k);
+  run_begin.push_back(sz.K);
+  const int64_t n_runs = static_cast<int64_t>(run_begin.size()) - 1;
+
+  FusedArgs args{a_c.data_ptr(), z_c.data_ptr(), rp, cols_c.data_ptr<int64_t>(), y_c.data_ptr<int64_t>(),
+                 sz.has_moments ? slot_c.data_ptr<int64_t>() : nullptr, run_begin.data(), w_c.data_ptr(),
+                 g_c.data_ptr<double>(), s_c.data_ptr<double>(), sl_c.data_ptr<double>(),
+                 sz.has_head ? head_c.data_ptr<double>() : nullptr, p_c.data_ptr<double>(), l_c.data_ptr<double>(),
+                 sz.has_moments ? mom_c.data_ptr<double>() : nullptr,
+                 sz.has_moments ? gap_c.data_ptr<double>() : nullptr, range.data(), &st, sz.N, sz.C, sz.M,
+                 sz.has_moments ? sz.order : 2, want_flips, dloss.data_ptr<double>(), dkl.data_ptr<double>(),
+                 by_class ? class_loss.data_ptr<double>() : nullptr, flips.data_ptr<int64_t>(),
+                 new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(), exact.data_ptr<int64_t>(),
+                 active.data_ptr<int64_t>(), nonzero.data_ptr<bool>()};
+  // blocks of runs of about kBlockWeights weights: a tile of a_t is reused across a block's runs
+  // while the block's per-weight sums stay in cache
+  constexpr int64_t kBlockWeights = 1 << 14;
+  const int64_t grain = std::max<int64_t>(1, n_runs * kBlockWeights / sz.K);
+  AT_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "fused_scores_cpu", [&] {
+    at::parallel_for(0, n_runs, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; b += grain) fused_runs(args, b, std::min(end, b + grain), scalar_t{});
+    });
+  });
+  const int64_t* ap = active.data_ptr<int64_t>();
+  bool* nzp = nonzero.data_ptr<bool>();
+  for (int64_t k = 0; k < sz.K; ++k) nzp[k] = ap[k] > 0;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightablate, CPU, m) { m.impl("fused_scores", &fused_scores_cpu); }
+
+}  // namespace weightablate

@@ -1,0 +1,104 @@
+"""Pure-PyTorch fused_scores, with the signature of csrc/weightablate.cpp: pair_deltas' d and
+score_deltas' sums in one op, the moments taken about each sample's top class (weightablate.fused).
+
+What the cpu kernel computes, as tensor expressions over blocks of (weight, sample) pairs: the
+compiled kernel is tested against it, and it against the two-stage reference and the float64 oracle.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _reference
+from ._reference import MOMENT_CERT_TOL, MOMENT_MIN_VAR_RATIO
+
+MIN_Q = 1e-200  # csrc/cpu/fused_cpu.cpp: kMinQ
+_BLOCK = 1 << 21  # (weight, sample) pairs per block
+
+
+def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logits, labels, moments, mean_gap,
+                 moment_slot, flips, by_class=False):
+    K, N, C = rows.numel(), a_t.shape[1], probs.shape[1]
+    f64 = dict(dtype=torch.float64, device=a_t.device)
+    i64 = dict(dtype=torch.int64, device=a_t.device)
+    dloss, dkl = torch.zeros(K, **f64), torch.zeros(K, **f64)
+    n_flips, n_err, n_corr = torch.zeros(K, **i64), torch.zeros(K, **i64), torch.zeros(K, **i64)
+    exact, active = torch.zeros(K, **i64), torch.zeros(K, **i64)
+    class_loss = torch.zeros(K, C if by_class else 0, **f64)
+    top, margin, q_top = _reference._sample_stats(logits, probs)
+    # range bounds |v_c - v_top| (v = e_i for a logits layer)
+    if head is not None:
+        vrange = head.amax(1) - head.amin(1) if C > 1 else torch.zeros(head.shape[0], **f64)
+    else:
+        vrange = torch.full((gain.numel(),), 1.0 if C > 1 else 0.0, **f64)
+    step = max(1, _BLOCK // max(N, 1))
+    for b in range(0, K, step):
+        kb = torch.arange(b, min(K, b + step), device=a_t.device)
+        d = _reference.pair_deltas(a_t, z_t, rows[kb], cols[kb], w[kb], gain, shift, slope)
+        active[kb] = (d != 0).sum(1)
+        kl_, n_ = (d != 0).nonzero(as_tuple=True)
+        k, n = kb[kl_], n_
+        dd, i, y = d[kl_, n_], rows[k], labels[n]
+        rng = vrange[i]
+        p = probs[n]
+        if head is None:
+            pi = p.gather(1, i[:, None])[:, 0]
+            qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
+            kl = torch.log1p(pi * _reference.phi(dd * qi) + qi * _reference.phi(-dd * pi))
+            dce = kl + dd * torch.where(i == y, -qi, pi)
+        else:
+            kl, dce = torch.zeros_like(dd), torch.zeros_like(dd)
+            todo = torch.ones_like(dd, dtype=torch.bool)
+            if moments is not None:
+                slot = moment_slot[i]
+                has = slot >= 0
+                sl = slot.clamp(min=0)
+                mu, gap = moments[:, sl, n], mean_gap[sl, n]
+                kl_m, ok = moment_kl(mu, dd, dd.abs() * rng, q_top[n], rng)
+                ok &= has
+                kl, dce, todo = torch.where(ok, kl_m, kl), torch.where(ok, kl_m + dd * gap, dce), ~ok
+            if todo.any():
+                v = head[i[todo]]
+                kl_e, mean = _reference._exact_kl(p[todo], v, dd[todo])
+                kl[todo] = kl_e
+                dce[todo] = kl_e + dd[todo] * (mean - v.gather(1, y[todo][:, None])[:, 0])
+                exact.index_add_(0, k[todo], torch.ones_like(k[todo]))
+        dloss.index_add_(0, k, dce)
+        dkl.index_add_(0, k, kl)
+        if by_class:
+            class_loss.view(-1).index_add_(0, k * C + y, dce)
+        if flips:
+            cand = dd.abs() * rng >= margin[n]
+            if cand.any():
+                kc, nc, dc = k[cand], n[cand], dd[cand]
+                shifted = logits[nc].clone()
+                if head is None:
+                    shifted[torch.arange(nc.numel(), device=a_t.device), i[cand]] += dc
+                else:
+                    shifted = shifted + dc[:, None] * head[i[cand]]
+                now, pred, yc = shifted.argmax(1), top[nc], labels[nc]
+                flip = now != pred
+                n_flips.index_add_(0, kc, flip.long())
+                n_err.index_add_(0, kc, (flip & (pred == yc)).long())
+                n_corr.index_add_(0, kc, (flip & (now == yc)).long())
+    return dloss, dkl, n_flips, n_err, n_corr, active > 0, class_loss, exact, active
+
+
+def moment_kl(mu, d, x, q, rng):
+    """KL of the moment path about the top class for each pair, and whether it is certified.
+
+    mu (D, P): sum_c p_c (v_c - v_top)^k. Truncation tail q e^1.5 x^(D+1)/(D+1)! (x = |d| range
+    bounds |d (v_c - v_top)|) must stay below MOMENT_CERT_TOL x d^2 var / 2, and var = mu2 - mu1^2
+    must stand well above its rounding (~eps 4 q range^2)."""
+    order = mu.shape[0]
+    m1, m2 = mu[0], mu[1]
+    var = m2 - m1 * m1
+    gate = (q == 0) | ((q > MIN_Q) & (var >= MOMENT_MIN_VAR_RATIO * 4.0 * q * rng * rng))
+    tail = q * math.exp(1.5) * x ** (order + 1) / math.factorial(order + 1)
+    ok = (x <= 0.5) & gate & (tail <= MOMENT_CERT_TOL * 0.5 * d * d * var)
+    s2, dk = torch.zeros_like(d), d * d * 0.5
+    for k in range(2, order + 1):
+        s2 = s2 + dk * mu[k - 1]
+        dk = dk * d / (k + 1)
+    return s2 + _reference.log1p_minus(d * m1 + s2), ok
