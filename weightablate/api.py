@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed, ops
 from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
-from .data import batches
+from .data import batches, count_batches
 from .dispatch import METHODS, choose_method
 from .memory import check_max_memory
 from .naive import naive_ablate
@@ -253,7 +253,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 stream = itertools.chain([first], stream)
                 scorer = choose_method(run, name, run_target, param, local, first[0], resolved, mode,
                                        "flips" in metrics, by_class, method)
-                total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+                total = count_batches(data, batch_size)
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                             max_memory=max_memory, progress=progress,
                                                             total_batches=total, checkpoint=checkpoint)

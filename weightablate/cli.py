@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,18 +134,36 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
     except CLIError as exc:
         args.parser.error(str(exc))  # exits 2 with the subcommand's usage line
     except (OutputError, CheckpointError) as exc:  # an unusable --out / --checkpoint-dir, another run's checkpoint
         print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"weightablate {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C: where it stopped and what was kept, no traceback
+        print(f"weightablate {args.command}: {interrupted_message(exc)}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, RuntimeError, OSError) as exc:  # the library's message; a full disk
         print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"weightablate: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What a Ctrl-C stopped and where the work is (sweep.Interrupted knows the batch)."""
+    from .sweep import Interrupted
+
+    if not isinstance(exc, Interrupted):
+        return "interrupted"
+    if exc.checkpoint_path is None:
+        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes)"
+    return (f"interrupted after {exc.position()}, checkpoint saved in {exc.checkpoint_path.parent}: rerun the same "
+            "command to resume")
 
 
 # --- model and data ---------------------------------------------------------------------------
