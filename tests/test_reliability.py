@@ -197,7 +197,7 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(ck, "_write_synced", disk_fills)
     with pytest.raises(ck.CheckpointError, match="No space left on device"):
         wa.ablate(model, "0", (X, y), **args)
-    assert sorted(os.listdir(tmp_path)) == ["sweep.ckpt"]  # the half-written temporary file is gone
+    assert sorted(os.listdir(tmp_path)) == ["sweep.ckpt", "sweep.ckpt.lock"]  # the half-written temporary file is gone
     assert saved_batches(tmp_path / "sweep.ckpt") == 2
     monkeypatch.setattr(ck, "_write_synced", real)
     same(wa.ablate(model, "0", (X, y), **args), reference)
@@ -329,7 +329,7 @@ def test_cli_checkpoint_dir_max_memory_and_quiet(tmp_path, monkeypatch, capsys):
         a, b, c = (wa.load(tmp_path / d / f) for d in "abc")
         same(a, b)
         same(a, c)
-    other = [a if a != "200" else "150" for a in args]  # another weight set: the checkpoint is refused, exit 1
-    assert cli.main(other + ["--out", str(tmp_path / "d")]) == 1
+    other = [a if a != "200" else "150" for a in args]  # another weight set: the checkpoint is refused, exit 2
+    assert cli.main(other + ["--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "different run" in err and "weights" in err

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import distributed, ops
 from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
-from .data import batches
+from .data import batches, count_batches
 from .dispatch import METHODS, choose_method
 from .memory import check_max_memory
 from .model_copy import copy_model
@@ -271,7 +271,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                                      progress=False)[0]
                     checked = self_check(run, name, run_target, param, local, first[0], first[1], score, seed,
                                          scorer.kind)
-                total = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+                total = count_batches(data, batch_size)
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                             max_memory=max_memory, progress=progress,
                                                             total_batches=total, checkpoint=checkpoint)

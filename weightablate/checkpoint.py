@@ -10,7 +10,8 @@ uninterrupted run, so the result is bit-identical.
 File layout: ``MAGIC``, the hex sha256 of the payload, a newline, then the payload (torch.save).
 Writes go to a temporary file in the same directory, fsync, rename over the old file, fsync the
 directory: a kill -9 at any moment leaves either the previous checkpoint or the new one, never a
-mix. A checksum mismatch or a truncated file is refused, never silently used.
+mix. A checksum mismatch or a truncated file is refused, never silently used. A lock file
+(NAME.ckpt.lock) keeps a second process off the same checkpoint while the first runs.
 """
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ import hashlib
 import io
 import os
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
+
+from .lock import FileLock, LockError, describe
 
 MAGIC = b"WEIGHTABLATE-CKPT-1\n"
 FORMAT = 1
@@ -89,11 +94,25 @@ class Checkpoint:
             probe.unlink()
         except OSError as exc:
             raise CheckpointError(f"checkpoint_dir {str(self.dir)!r} is not a writable directory: {exc}") from exc
-        for stale in self.dir.glob(f".{name}.ckpt.tmp-*"):  # left by a run killed while saving
+        # one process at a time: a second one would overwrite the sums, and remove the first's temporary file
+        self.lock = FileLock(self.dir / f"{name}.ckpt.lock", f"checkpoint_dir {str(self.dir)!r}")
+        try:
+            self.lock.acquire()
+        except LockError as exc:
+            raise CheckpointError(str(exc)) from None
+        weakref.finalize(self, self.lock.release)
+        if self.lock.took_over:
+            warnings.warn(f"checkpoint_dir {str(self.dir)!r}: took over the lock of {describe(self.lock.took_over)}, "
+                          "which is no longer running", UserWarning, stacklevel=3)
+        for stale in self.dir.glob(f".{name}.ckpt.tmp-*"):  # left by a run killed while saving (we hold the lock)
             try:
                 stale.unlink()
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """Release the lock (also done when the Checkpoint is garbage collected or the process ends)."""
+        self.lock.release()
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,9 @@ from torch import nn
 
 from . import __version__
 from .api import MODES, PRECISIONS
+from .checkpoint import CheckpointError
 from .dispatch import METHODS
+from .outputs import OutputError, check_outputs
 from .ops import BACKENDS
 
 DEFAULT_K = 4096
@@ -188,12 +191,36 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
     except CLIError as exc:
         args.parser.error(str(exc))  # exits 2 with the subcommand's usage line
-    except (ValueError, TypeError, RuntimeError) as exc:  # raised by the library with a message
+    except (OutputError, CheckpointError) as exc:  # an unusable --out / --checkpoint-dir, another run's checkpoint
+        print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: where it stopped and what was kept, no traceback
+        print(f"weightablate {args.command}: {interrupted_message(exc)}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # the library's message; a full disk
         print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"weightablate: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What a Ctrl-C stopped and where the work is (sweep.Interrupted knows the batch)."""
+    from .sweep import Interrupted
+
+    if not isinstance(exc, Interrupted):
+        return "interrupted"
+    if exc.checkpoint_path is None:
+        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes)"
+    return (f"interrupted after {exc.position()}, checkpoint saved in {exc.checkpoint_path.parent}: rerun the same "
+            "command to resume")
 
 
 # --- model and data ---------------------------------------------------------------------------
@@ -416,6 +443,7 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
         desc = "digits MLP 64-256-256-10"
     else:
         n_classes = dg.N_CLASSES if folder is None else getattr(args, "num_classes", None) or len(folder.classes)
+        torch.manual_seed(args.seed)  # a randomly initialised model is the same in every run with this seed
         model = build_model(args.model, n_classes)
         desc = args.model
     if folder is not None:
@@ -424,6 +452,20 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint)
     return model.to(device).eval(), desc, folder, device
+
+
+def save_model_weights(model: nn.Module, args) -> str:
+    """Where the weights the run used are kept, as said in the summary: --checkpoint itself, or
+    model.pt in --out (a randomly initialised or the digits model), so a result can be traced to
+    its model and the run repeated on the same weights (plus their fingerprint)."""
+    from .checkpoint import model_fingerprint
+
+    if args.checkpoint is not None:
+        where = str(args.checkpoint.resolve())
+    else:
+        torch.save({k: t.detach().cpu() for k, t in model.state_dict().items()}, args.out / "model.pt")
+        where = str(args.out / "model.pt")
+    return f"{where} (fingerprint {model_fingerprint(model)})"
 
 
 def cmd_run(args) -> int:
@@ -450,6 +492,8 @@ def _run(args, distributed) -> int:
     progress = False if quiet else None
     on_digits = args.data == "digits"
     default_model = args.model is None
+    if main_rank:
+        check_outputs(args)  # before any work: an unwritable --out must not cost the whole run
     model, model_desc, folder, device = model_and_folder(args, log, distributed.main_first)
     num_classes = dg.N_CLASSES if folder is None else folder.model_classes
 
@@ -478,8 +522,7 @@ def _run(args, distributed) -> int:
     by_class = args.by_class if args.by_class is not None else \
         not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
-    if main_rank:
-        args.out.mkdir(parents=True, exist_ok=True)
+    weights_file = save_model_weights(model, args) if main_rank else None
     train_result = None
     if on_digits:
         X_tr, y_tr, X_te, y_te = dg.load_digits_split(args.seed)
@@ -512,19 +555,22 @@ def _run(args, distributed) -> int:
     summary["model"] = model_desc
     summary["data"] = n_desc
     summary["seed"] = args.seed
+    summary["model_weights"] = weights_file
     report_text = ""
     if not args.no_report:
         from .cli_report import report_after_run
 
         report_text = report_after_run(args, summary, result, train_result, model, layer, test_data, log)
-    text = f"model {model_desc}, data {n_desc}\n" + format_summary(summary) + report_text
+    text = f"model {model_desc}, data {n_desc}\nmodel weights: {weights_file}\n" + format_summary(summary) \
+        + report_text
     (args.out / "summary.txt").write_text(text + "\n")
     with open(args.out / "summary.json", "w") as fh:
         json.dump(to_json(summary), fh, indent=2, allow_nan=False)
         fh.write("\n")
     print(text)
     log(f"wrote {args.out / 'results.npz'}" + (", results_train.npz" if train_result is not None else "")
-        + ", summary.txt, summary.json" + ("" if args.no_report else ", report.html and figures"))
+        + ", summary.txt, summary.json" + ("" if args.no_report else ", report.html and figures")
+        + ("" if args.checkpoint is not None else ", model.pt (the model's weights)"))
     return 0
 
 
@@ -599,6 +645,7 @@ def cmd_prune(args) -> int:
     from . import digits as dg
     from . import prune as wp
 
+    check_outputs(args)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.epochs < 0:
         raise CLIError(f"--epochs must be >= 0, got {args.epochs}")

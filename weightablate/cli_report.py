@@ -99,7 +99,7 @@ def _inputs(paths: list[Path]):
             if (p / "summary.json").is_file():
                 try:
                     old = json.loads((p / "summary.json").read_text())
-                    extra = {k: old[k] for k in ("model", "data", "seed") if k in old}
+                    extra = {k: old[k] for k in ("model", "data", "seed", "model_weights") if k in old}
                 except (OSError, ValueError):
                     pass
         elif p.is_file():
@@ -129,9 +129,11 @@ def cmd_report(args) -> int:
 
     from .activations import ActivationStats
     from .cli import CLIError
+    from .outputs import check_outputs
     from .reporting import concat, format_report, report
     from .summary import format_summary, summarize
 
+    check_outputs(args)
     log = _logger(args)
     files, train_files, crit_path, act_path, extra = _inputs(args.results)
     if args.train:
@@ -222,6 +224,9 @@ def cmd_stats(args) -> int:
     from .reporting import _png, _safe, fig_activation_pass, fig_activation_units
     from .summary import to_json
 
+    from .outputs import check_outputs
+
+    check_outputs(args)
     log = _logger(args)
     model, default, data, desc = _model_and_data(args, log)
     layers = args.layer or [default]

@@ -85,3 +85,17 @@ def check_labels(y: torch.Tensor, n_classes: int) -> None:
     """Labels must index the model's logits."""
     if y.numel() and (y.min() < 0 or y.max() >= n_classes):
         raise ValueError(f"data: labels must lie in [0, {n_classes}), got {int(y.min())}..{int(y.max())}")
+
+
+def count_batches(data, batch_size: int | None) -> int | None:
+    """How many batches ``batches`` will yield (for progress and ETA), or None when unknown: an (X, y)
+    tuple is split by ``batch_size``; a sized loader counts when ablate does not split it further."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        n = data[0].shape[0]
+        return max(1, -(-n // (batch_size or DEFAULT_BATCH))) if n else None
+    if batch_size is None and hasattr(data, "__len__") and not isinstance(data, (tuple, list)):
+        try:
+            return len(data)
+        except TypeError:
+            return None
+    return None

@@ -792,7 +792,8 @@ def render_html(d: dict, figures, title=None) -> str:
     shape = "x".join(str(v) for v in (d.get("weight_shape") or d.get("layer_shape") or []))
     title = title or f"weightablate report: {layer}"
     body = [f"<h1>{html.escape(title)}</h1>"]
-    head_rows = [[key, html.escape(str(d[key]))] for key in ("model", "data") if key in d]
+    head_rows = [[key.replace("_", " "), html.escape(str(d[key]))] for key in ("model", "model_weights", "data")
+                 if key in d]
     head_rows += [["layer", f"{html.escape(str(layer))} ({shape})"], ["weights ablated", d.get("n_weights")],
                   ["samples", d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
                   ["base loss (mean CE)", d.get("base_loss")], ["base accuracy", d.get("base_accuracy")],

@@ -2,6 +2,9 @@
 then scores the chosen weights a chunk at a time; partial sums are added up in float64."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, DataHash
 from .data import check_labels
-from .progress import bar
+from .progress import SweepProgress
 
 FIELDS = ("delta_loss", "delta_kl", "flips", "new_errors", "new_correct")
 
@@ -84,6 +87,40 @@ def make_batch(logits: torch.Tensor, labels: torch.Tensor, n_classes: int | None
     return Batch(logits=logits, probs=logp.exp(), labels=labels), ce
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: where it stopped and whether a checkpoint holds the work done."""
+
+    def __init__(self, batches: int, weights: int, n_weights: int, total_batches, checkpoint_path):
+        self.batches, self.weights, self.n_weights = batches, weights, n_weights
+        self.total_batches, self.checkpoint_path = total_batches, checkpoint_path
+        super().__init__(f"interrupted after {self.position()}; " + (
+            f"checkpoint saved in {str(checkpoint_path.parent)!r}: run the same call again to resume"
+            if checkpoint_path is not None else "nothing was saved (no checkpoint_dir)"))
+
+    def position(self) -> str:
+        """'batch 3/10' (and how far into the next one)."""
+        text = f"batch {self.batches}" + (f"/{self.total_batches}" if self.total_batches else "")
+        if self.weights:
+            text += f" and {self.weights} of the {self.n_weights} weights of batch {self.batches + 1}"
+        return text
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """Hold a Ctrl-C back until the block is done: the running sums are never left half-updated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    pending = []
+    old = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending and callable(old):
+        old(*pending[0])  # Python's default handler raises KeyboardInterrupt here
+
+
 def sweep(method, stream, K: int, *, by_class: bool, max_memory: int, progress, total_batches=None,
           checkpoint=None):
     """Run ``method`` over every batch of ``stream`` and every chosen weight.
@@ -93,50 +130,91 @@ def sweep(method, stream, K: int, *, by_class: bool, max_memory: int, progress, 
     weights ``sl`` of its list. Capture and scoring are interleaved batch by batch, so memory holds
     one batch (plus one chunk of scratch, bounded by ``max_memory``) whatever the dataset's length.
 
-    ``checkpoint`` (a checkpoint.Checkpoint): the totals are saved after completed batches and a
-    saved run resumes where it stopped; the batches it had done are re-read only to check the data
-    hash, so the sums are added in the same order and the result is bit-identical.
+    ``checkpoint`` (a checkpoint.Checkpoint): the totals are saved when due after a chunk of
+    weights (and always after the last batch, and on Ctrl-C) and a saved run resumes where it
+    stopped, also within a batch: the batches it had done are re-read only to check the data hash,
+    so the sums are added in the same order and the result is bit-identical. Ctrl-C raises
+    Interrupted (a KeyboardInterrupt) saying where it stopped.
     Returns (totals dict, n_samples, base_loss, base_accuracy)."""
+    try:
+        with SweepProgress(total_batches, K, progress) as prog:
+            return _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpoint)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+
+
+def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpoint):
     state = checkpoint.load() if checkpoint is not None else None
-    done = state["batches"] if state is not None else 0
+    done = state["batches"] if state is not None else 0  # batches whose every weight is summed
+    partial = state.get("partial", 0) if state is not None else 0  # weights of batch `done` summed too
+    hashed = done + (partial > 0)  # batches whose data went into the saved sums
+    if state is not None:
+        prog.note(f"resuming from {Interrupted(done, partial, K, total_batches, None).position()}"
+                  f" ({str(checkpoint.path)!r})")
+        prog.resumed(done + partial / K)
     data_hash = DataHash() if checkpoint is not None else None
     totals, read, unsaved, last = None, 0, False, None
-    with bar(total_batches, "ablation (batches)", progress) as pbar:
+    where = [done, partial, state["data_hash"] if state is not None else None]  # the sums hold: batches done, weights of the next, data hash of those
+
+    def save():
+        checkpoint.save({"batches": where[0], "partial": where[1], "data_hash": where[2], "totals": totals.state()})
+
+    try:
         for b, (x, y) in enumerate(stream):
             read = b + 1
             digest = data_hash.update(x, y) if data_hash is not None else None
-            if b < done:  # completed before the interruption: only check it is the same data
-                if b == done - 1 and digest != state["data_hash"]:
-                    raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: the data differs from the run that "
-                                          f"saved it (hash of its first {done} batches); resume with the same data "
-                                          "in the same order, or use another checkpoint_dir")
+            if b < hashed - 1 or (b == hashed - 1 and partial == 0):  # summed before: only check the data
+                if b == hashed - 1 and digest != state["data_hash"]:
+                    _data_differs(checkpoint, hashed)
                 last = (x, y)
-                pbar.update(1)
                 continue
+            if b == hashed - 1 and digest != state["data_hash"]:  # the batch an interruption split
+                _data_differs(checkpoint, hashed)
             logits = method.prepare(x, y)
             if totals is None:
                 totals = Totals(K, logits.device, logits.shape[1], by_class)
                 if state is not None:
                     totals.load_state(state["totals"])
             batch, ce = make_batch(logits, y, totals.n_classes)
-            totals.n += batch.n
-            totals.ce_sum += ce
-            totals.correct += int((logits.argmax(1) == y).sum())
             step = method.chunk_size(batch.n, max_memory)
-            for s in range(0, K, step):
+            first = partial if b == done else 0
+            for s in range(first, K, step):
                 sl = slice(s, s + step)
-                totals.add(sl, method.score(batch, sl))
+                parts = method.score(batch, sl)
+                with _no_interrupt():
+                    totals.add(sl, parts)
+                    where[:] = b, min(s + step, K), digest
+                prog.at(b, where[1])
+                if checkpoint is not None and where[1] < K and checkpoint.due(False):
+                    save()  # a long batch is saved part-way too
+            with _no_interrupt():
+                totals.n += batch.n
+                totals.ce_sum += ce
+                totals.correct += int((logits.argmax(1) == y).sum())
+                where[:] = b + 1, 0, digest
             unsaved = True
+            prog.at(b + 1, 0)
             if checkpoint is not None and checkpoint.due(False):
-                checkpoint.save({"batches": read, "data_hash": digest, "totals": totals.state()})
+                save()
                 unsaved = False
-            pbar.update(1)
-    if read < done:
-        raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: saved after {done} batches but the data has "
+    except KeyboardInterrupt:
+        saved = checkpoint is not None and (totals is not None or state is not None)
+        if checkpoint is not None and totals is not None:
+            save()
+        raise Interrupted(where[0], where[1], K, total_batches, checkpoint.path if saved else None) from None
+    if read < hashed:
+        raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: saved after {hashed} batches but the data has "
                               f"only {read}; resume with the same data, or use another checkpoint_dir")
     if totals is None:  # every batch was done before: restore, and let the method plan on one batch
         method.prepare(*last)
         totals = Totals.from_state(state["totals"], K, by_class)
     elif checkpoint is not None and unsaved:
-        checkpoint.save({"batches": read, "data_hash": digest, "totals": totals.state()})
+        save()
     return totals.result(), totals.n, totals.ce_sum / totals.n, totals.correct / totals.n
+
+
+def _data_differs(checkpoint, hashed: int):
+    raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: the data differs from the run that saved it (hash "
+                          f"of its first {hashed} batches); resume with the same data in the same order, or use "
+                          "another checkpoint_dir")
