@@ -7,10 +7,12 @@ from __future__ import annotations
 
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import ops
 from .closed_form import _moment_slots, _moments
+from .dataflow import where
 from .plan import ELEMENTWISE, IDENTITY, logit_directions
 from .propagate import (ADD, ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, FLATTEN_FUNCS, FLATTEN_METHODS,
                         IDENTITY_METHODS, POOL_FUNCS, POOL_MODULES, RELU_FUNCS, SUB)
@@ -24,6 +26,9 @@ def _per_channel(n, mods, dependent) -> str | None:
     deps = [a for a in n.all_input_nodes if a in dependent]
     if len(deps) != 1:
         return f"node {n.name!r} combines {len(deps)} values that depend on the target"
+    extra = [a for a in list(n.args[1:]) + list(n.kwargs.values()) if isinstance(a, fx.Node)]
+    if extra and not (n.target in ADD or n.target in SUB or n.target in ("add", "add_", "sub", "sub_")):
+        return f"node {n.name!r} takes a tensor argument ({extra[0].name!r}) besides the changed channel"
     if n.op == "call_module":
         m = mods[n.target]
         ok = (IDENTITY, nn.ReLU, nn.LeakyReLU, nn.modules.batchnorm._BatchNorm, nn.Flatten, *ELEMENTWISE)
@@ -59,6 +64,11 @@ def funnel_plan(graph, values: dict) -> tuple[object, str | None]:
     dependent = set(graph.dependent)
     for n in graph.dependent[1:-1]:
         why = _per_channel(n, mods, dependent)
+        if why is None and (n.target in ADD or n.target in SUB or n.target in ("add", "add_", "sub", "sub_")):
+            changed = next(a for a in n.all_input_nodes if a in dependent)
+            if len(n.args) != 2 or n.kwargs or values[changed].shape != values[n].shape:
+                why = (f"node {n.name!r}{where(n)} broadcasts the change or scales it (alpha=): it does not stay "
+                       "in one channel")
         if why is None and n.target in ("mean", torch.mean):
             dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             dims = [dims] if isinstance(dims, int) else list(dims or [1])
