@@ -179,13 +179,20 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         int64 ``flips``/``new_errors``/``new_correct`` and ``exact_zero``.
 
     Accuracy: every per-sample change is computed without cancellation, so its error is a few
-    roundings of the activations it comes from. With precision="model" on a float32 model the
-    error of a summed delta is at most ``1e-5 |delta| + 1e-4 sum_n |dCE_n|`` (tested against the
-    float64 naive loop; typically a few float32 ulps of the per-sample changes, ~1e-7 relative;
-    a unit sitting at a ReLU kink inherits the float32 rounding of its pre-activation). With
-    precision="float64" the relative error is ~1e-12 for delta_loss (tested <= 1e-9). On a GPU
-    the float32 bound assumes no TF32 (cuDNN convolutions use it by default): a UserWarning names
-    the flag when the forward would.
+    roundings of the activations it comes from; pairs with shifts beyond 30 are scored from the
+    logits (exact when base probabilities underflow to 0, e.g. logits in the thousands). With
+    precision="float64" the relative error is ~1e-12 for delta_loss (tested <= 1e-9). With
+    precision="model" on a float32 model the scores are exact for the float32 activations and
+    logits the model's own forward produces; against the float64 naive loop the error of a summed
+    delta is at most ``1e-5 |delta| + 1e-4 sum_n |dCE_n| + E32``, where
+    ``E32 = sum_n |dCE32_n - dCE_n|`` is the float32 forward's own error on the per-sample changes
+    (tested). E32 is negligible for well-conditioned models (typically ~1e-7 relative in all) and
+    grows where the forward loses float32 digits: logits with a large common offset, activations
+    that cancel in a pre-activation (a unit at a ReLU kink inherits that rounding), deep BatchNorm
+    stacks. Flips under exact ties follow the model's dtype: replay compares the ablated logits
+    rounded to it, so a tie in the model's forward (e.g. at a clamp) is a tie here, won by the first
+    index as in argmax. On a GPU the float32 bound assumes no TF32 (cuDNN convolutions use it by
+    default): a UserWarning names the flag when the forward would.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):

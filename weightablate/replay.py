@@ -60,14 +60,17 @@ class Replay:
     def score(self, batch, sl: slice):
         d0 = self.prop.target_delta(self.flat[sl], self.vals[sl])
         dl = self.prop.run(d0).double()
-        return score_logit_deltas(dl, batch, self.want_flips, self.by_class)
+        return score_logit_deltas(dl, batch, self.want_flips, self.by_class, self.prop.dtype)
 
 
-def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool):
+def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool, flip_dtype=torch.float64):
     """The sweep's 7-tuple from the change of the logits dl (K, N, C) float64.
 
     KL(p || p') = log sum_c p_c exp(dl_c - E_p dl) and dCE = KL + E_p dl - dl_y (docs/DESIGN.md):
-    never the difference of two losses."""
+    never the difference of two losses. Flips compare the ablated logits rounded to ``flip_dtype``
+    (the model's dtype): logits that tie exactly in the model's own arithmetic, e.g. at a clamp,
+    tie here too and the first one wins, as in the model's forward, instead of being split by the
+    float64 rounding of base + change."""
     K, N, C = dl.shape
     device = dl.device
     dloss = torch.zeros(K, dtype=torch.float64, device=device)
@@ -91,7 +94,7 @@ def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool
     flips = new_err = new_corr = torch.zeros(K, dtype=torch.int64, device=device)
     if want_flips:
         pred = batch.logits.argmax(1)
-        now = (batch.logits.unsqueeze(0) + dl).argmax(2)
+        now = (batch.logits.unsqueeze(0) + dl).to(flip_dtype).argmax(2)
         flip = now != pred
         flips = flip.sum(1)
         new_err = (flip & (pred == batch.labels)).sum(1)

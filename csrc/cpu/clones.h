@@ -15,3 +15,10 @@
 #else
 #define WA_INLINE inline
 #endif
+
+// Rare branches, kept out of line so that the hot loops around them compile as if they were absent.
+#if defined(__GNUC__)
+#define WA_COLD __attribute__((noinline, cold))
+#else
+#define WA_COLD
+#endif

@@ -120,6 +120,11 @@ Shifted centered_sum_general(const double* p, const double* v, int64_t C, double
   return from_sums(t, r, d);
 }
 
+// log_mean_exp for the rare pairs beyond kLogSpaceMin (v null: the logits layer's unit i).
+WA_COLD double logits_kl(const double* l, const double* v, int64_t C, double d, double m1, int64_t i, double qi) {
+  return log_mean_exp(l, v, C, d, m1, i, qi);
+}
+
 // The pair's Shifted without cancellation; range = max(v) - min(v) bounds |d (v_c - m1)| / |d|;
 // l = the sample's logits, for the pairs beyond kLogSpaceMin (KL >> the rounding of m1 there).
 WA_INLINE Shifted exact_kl(const double* p, const double* l, const double* v, int64_t C, double d, double m1,
@@ -127,7 +132,7 @@ WA_INLINE Shifted exact_kl(const double* p, const double* l, const double* v, in
   const double x = std::fabs(d) * range;
   if (x <= kPhiSeriesMax) return centered_sum_series(p, v, C, d, m1, x);
   if (x <= kLogSpaceMin) return centered_sum_general(p, v, C, d, m1);
-  const double lse = log_mean_exp(l, v, C, d, m1, -1, 0.0);
+  const double lse = logits_kl(l, v, C, d, m1, -1, 0.0);
   return {lse, lse};
 }
 
@@ -399,7 +404,7 @@ WA_CLONES void score_rows(const ScoreArgs& a, int64_t begin, int64_t end) {
       } else {
         const double pi = p[i];
         const double qi = (i == a.st->top[n] && pi > 0.5) ? a.st->q_top[n] : 1.0 - pi;
-        kl_buf[j] = unit_needs_logits(dd, pi, qi) ? log_mean_exp(a.logits + n * C, nullptr, C, dd, pi, i, qi)
+        kl_buf[j] = unit_needs_logits(dd, pi, qi) ? logits_kl(a.logits + n * C, nullptr, C, dd, pi, i, qi)
                                                   : std::log1p(pi * phi(dd * qi) + qi * phi(-dd * pi));
         dce_buf[j] = kl_buf[j] + dd * (i == y ? -qi : pi);
       }
