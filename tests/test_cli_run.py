@@ -292,3 +292,34 @@ def test_ctrl_c_on_the_command_then_rerun_resumes(tmp_path, monkeypatch):
         a, b = weightablate.load(tmp_path / "a" / f), weightablate.load(tmp_path / "b" / f)
         assert torch.equal(a.delta_loss, b.delta_loss) and torch.equal(a.flips, b.flips)
         assert a.base_loss == b.base_loss
+
+
+# --- the estimate ---------------------------------------------------------------------------------
+
+def test_estimate_names_the_method_and_the_size(image_folder):
+    import torchvision
+
+    from weightablate.estimate import estimate
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 3, (6,))
+    for layer, k, method in (("fc", None, "logits"), ("layer4.1.conv2", 40, "funnel"), ("layer4.1.conv1", 3, "replay")):
+        est = estimate(model, layer, (x, y), 600, k, max_memory="64MiB", by_class=True)
+        res = weightablate.ablate(model, layer, (x, y), weights=k, max_memory="64MiB")
+        assert est.method == res.method == method
+        assert est.n_weights == len(res) and est.pairs == len(res) * 600
+        assert 1 <= est.probe_weights <= est.chunk <= len(res) and est.probe_samples == 6
+        assert est.seconds > 0 and est.scratch_bytes == 64 << 20
+        assert est.sums_bytes == len(res) * (41 + 3 * 8)  # sums and the by-class split
+        text = est.text()
+        assert f"method {method}" in text and f"x 600 samples" in text and "in all" in text
+
+
+def test_estimate_option_stops_after_the_estimate(tmp_path, image_folder):
+    proc = command("run", "--model", "resnet18", "--data", image_folder, "--image-size", "32", "--estimate",
+                   "--out", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("estimate: method logits; 1,536 weights x 12 samples")
+    assert "pairs/s" in proc.stdout and "in all" in proc.stdout and "memory" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing was written
