@@ -231,13 +231,16 @@ def test_naive_backend_on_conv_and_bias(case):
     assert torch.equal(r.flips, ref["flips"])
 
 
-def test_chunking_does_not_change_results():
-    """max_memory bounds the replay chunk: one ablation at a time gives the same numbers."""
+@pytest.mark.parametrize("precision, rtol", [("float64", 1e-12), ("model", 1e-5)])
+def test_chunking_does_not_change_results(precision, rtol):
+    """max_memory bounds the replay chunk: one ablation at a time gives the same numbers (in float32
+    the conv of a chunk may take another oneDNN algorithm for another batch size: float32 rounding of
+    the changes, as on AVX-512 machines, which is within the bound)."""
     model, (X, y) = get_model("grouped")
     idx = _pick(model.c2, "weight", 12, seed=3)
-    big = wa.ablate(model, "c2", (X, y), idx, progress=False, batch_size=3)
-    small = wa.ablate(model, "c2", (X, y), idx, progress=False, batch_size=3, max_memory=1)
-    assert torch.allclose(big.delta_loss, small.delta_loss, rtol=1e-12, atol=0)
+    big = wa.ablate(model, "c2", (X, y), idx, progress=False, batch_size=3, precision=precision)
+    small = wa.ablate(model, "c2", (X, y), idx, progress=False, batch_size=3, max_memory=1, precision=precision)
+    assert torch.allclose(big.delta_loss, small.delta_loss, rtol=rtol, atol=0)
     assert torch.equal(big.flips, small.flips)
 
 

@@ -1,7 +1,6 @@
 """weightablate.ablate: the one entry point."""
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 import warnings
@@ -14,10 +13,12 @@ from .checkpoint import Checkpoint, model_fingerprint, weights_fingerprint
 from .data import batches, count_batches
 from .dispatch import METHODS, choose_method
 from .memory import check_max_memory
+from .model_copy import copy_model
 from .naive import naive_ablate
 from .result import AblationResult
 from .selection import select_weights
 from .sweep import sweep
+from .verify import self_check
 
 METRICS = ("loss", "kl", "flips")
 PARAMS = ("weight", "bias")
@@ -101,7 +102,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
            progress: bool | None = None, param: str = "weight", method: str = "auto", checkpoint_dir=None,
-           checkpoint_every: float = 60.0) -> AblationResult:
+           checkpoint_every: float = 60.0, verify: bool = True) -> AblationResult:
     """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -149,6 +150,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             weight set or options is refused with a CheckpointError (a ValueError).
         checkpoint_every: seconds between two checkpoint saves (default 60; 0 = after every
             batch); the end of the data is always saved.
+        verify: the self-check (default True): before the sweep, the chosen method scores 4 of the
+            chosen weights (the 2 largest |w|, 2 at random) on the first 8 samples and the float64
+            zero-evaluate-restore loop does the same on a float64 copy of the model; a difference
+            beyond the bound below raises weightablate.VerificationError naming the method and
+            the weight, and no result is returned. ``res.extra["self_check"]`` says what it found.
 
     Half precision: a float16/bfloat16 model is run as a float32 copy (the captured activations
     and the scoring are float32; a UserWarning says so); inputs in the model's dtype are cast.
@@ -222,18 +228,21 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             "model": model_fingerprint(model), "layer": f"{name}.{param} {tuple(tensor.shape)}",
             "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
             every=checkpoint_every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
+    checked = None
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
         stream = batches(data, batch_size, device, target.weight.dtype)
         run = model
         if precision == "float64" and target.weight.dtype != torch.float64:
-            run = copy.deepcopy(model).double()  # the user's model is never converted
+            run = copy_model(model, torch.float64)
             stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
         elif target.weight.dtype in HALF:
             warnings.warn(f"ablate: the model is {target.weight.dtype}; it is run as a float32 copy, so the "
                           "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
-            run = copy.deepcopy(model).float()
+            run = copy_model(model, torch.float32)
             stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
         run_target = run.get_submodule(name)  # the target in the model that actually runs (maybe a copy)
         if run_target.weight.dtype == torch.float32:
@@ -253,6 +262,14 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 stream = itertools.chain([first], stream)
                 scorer = choose_method(run, name, run_target, param, local, first[0], resolved, mode,
                                        "flips" in metrics, by_class, method)
+                if verify and local.numel():
+                    def score(weights, x, y):
+                        probe = choose_method(run, name, run_target, param, weights, x, resolved, mode, True,
+                                              False, method)
+                        return sweep(probe, [(x, y)], weights.numel(), by_class=False, max_memory=max_memory,
+                                     progress=False)[0]
+                    checked = self_check(run, name, run_target, param, local, first[0], first[1], score, seed,
+                                         scorer.kind)
                 total = count_batches(data, batch_size)
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                             max_memory=max_memory, progress=progress,
@@ -276,5 +293,6 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), param=param, method=kind, head=head_desc, backend=resolved, mode=mode,
         precision=precision, seconds=time.perf_counter() - started,
-        extra={"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
-        if tensor.dtype in HALF and precision == "model" else {})
+        extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+                  if tensor.dtype in HALF and precision == "model" else {}),
+               **({"self_check": checked} if checked else {})})

@@ -7,7 +7,6 @@ import torch
 from . import ops
 from .capture import capture
 from .memory import chunk_size
-from .plan import plan_head
 
 MOMENT_ORDER = 6  # D: raw moments m_1..m_D per (sample, unit) on the moment path
 MOMENT_MIN_WEIGHTS = 2  # a unit gets moments when at least this many chosen weights share it
@@ -22,10 +21,10 @@ CPU_CHUNK_BYTES = 16 << 20
 
 
 class ClosedForm:
-    """Scores a Linear target whose head plan_head reduces to a closed form."""
+    """Scores a Linear target whose head plan.plan_head reduced to a closed form on the traced graph."""
 
-    def __init__(self, model, name, target, flat, backend, mode, want_flips, by_class, param="weight"):
-        self.model, self.name, self.target, self.param = model, name, target, param
+    def __init__(self, model, name, target, head, flat, backend, mode, want_flips, by_class, param="weight"):
+        self.model, self.name, self.target, self.param, self.head = model, name, target, param, head
         self.backend, self.mode, self.want_flips, self.by_class = backend, mode, want_flips, by_class
         n_out, n_in = target.weight.shape
         device = target.weight.device
@@ -34,7 +33,7 @@ class ClosedForm:
             self.rows, self.cols = self.flat, torch.zeros_like(self.flat)
         else:
             self.rows, self.cols = self.flat // n_in, self.flat % n_in
-        self.head = self.w = None
+        self.w = None
 
     @property
     def kind(self) -> str:
@@ -45,12 +44,11 @@ class ClosedForm:
         return self.head.description
 
     def prepare(self, x, y) -> torch.Tensor:
-        cap = capture(self.model, self.target, self.name, x, trace=self.head is None)
-        if self.head is None:
+        cap = capture(self.model, self.target, self.name, x)
+        if self.w is None:
             # read after a forward: a pruning pre-hook recomputes the weight from its mask there
             self.w = getattr(self.target, self.param).detach().reshape(-1)[self.flat]
             n_out = self.target.weight.shape[0]
-            self.head = plan_head(cap.calls, self.name, n_out, cap.logits.shape[1], self.flat.device)
             self.head_rows = self.head.rows()
             self.moment_slot = None if self.head.kind == "logits" else _moment_slots(
                 self.rows, n_out, cap.logits.shape[1], self.backend, self.mode, self.flat.device)

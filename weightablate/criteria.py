@@ -39,7 +39,7 @@ from torch import nn
 from .api import _check_model, _resolve_layer
 from .capture import capture
 from .data import batches
-from .plan import plan_head
+from .plan import closed_form_head
 
 NAMES = ("magnitude", "squared", "wanda", "taylor", "obd", "taylor2")
 IMPORTANCE = ("magnitude", "squared", "wanda", "taylor", "obd")  # larger = more important, >= 0
@@ -164,9 +164,9 @@ def _one_pass(model, name, target, data, need, batch_size, strict):
         for x, y in batches(data, batch_size, device, dtype):
             if mode == "closed":
                 try:
-                    cap = capture(model, target, name, x, trace=head is None)
                     if head is None:
-                        head = plan_head(cap.calls, name, target.out_features, cap.logits.shape[1], device)
+                        head = closed_form_head(model, name, target, x[:2])
+                    cap = capture(model, target, name, x)
                 except ValueError as exc:
                     if head is not None:
                         raise

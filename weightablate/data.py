@@ -16,9 +16,20 @@ def _split(x, y, batch_size):
         yield x[s : s + batch_size], y[s : s + batch_size]
 
 
+def _labels(y):
+    """Labels given as a Python list or a NumPy array of ints: the same as a tensor."""
+    if isinstance(y, (list, tuple)) or type(y).__module__ == "numpy":
+        try:
+            return torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            return y
+    return y
+
+
 def _raw_batches(data, batch_size):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and isinstance(_labels(data[1]), torch.Tensor):
+        x, y = data[0], _labels(data[1])
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"data: X has {x.shape[0]} samples but y has {y.shape[0]}")
         yield from _split(x, y, batch_size or DEFAULT_BATCH)
@@ -39,7 +50,7 @@ def _raw_batches(data, batch_size):
             raise
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"data: batch {k} is not an (inputs, labels) pair but {type(item).__name__}")
-        x, y = item
+        x, y = item[0], _labels(item[1])
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"data: batch {k} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
         yield from _split(x, y, batch_size)

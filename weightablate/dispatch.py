@@ -1,13 +1,15 @@
-"""Pick the fastest exact method that fits the model: closed form -> channel funnel -> replay.
+"""Pick the fastest exact method that the model's traced dataflow proves: closed form -> channel
+funnel -> replay.
 
-Each method is exact; they differ in how much of the model they re-run per ablation. The method
-says in its description why a faster one did not apply."""
+Each method is exact; they differ in how much of the model they re-run per ablation. All three
+are chosen from one torch.fx graph of the model, checked first (weightablate.dataflow: the
+target's parameters used nowhere else, in-place ops followed); the method says in its
+description why a faster one did not apply."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .capture import capture
 from .closed_form import ClosedForm
 from .funnel import Funnel, funnel_plan
 from .graph import capture_values, trace
@@ -26,30 +28,26 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
     """The method object for sweep(); ``first_x`` is the first batch's inputs (a few samples are run).
     ``method`` other than "auto" forces one method, and raises ValueError saying why when it does not apply."""
     x = first_x[:PLAN_SAMPLES]
+    graph = trace(model, name, target, param)
+    values = capture_values(graph, x)
     reasons = []
     if method in ("auto", "closed_form"):
         if isinstance(target, nn.Linear):
             try:
-                cap = capture(model, target, name, x, trace=True)
-                plan_head(cap.calls, name, target.out_features, cap.logits.shape[1], target.weight.device)
-                return ClosedForm(model, name, target, flat, backend, mode, want_flips, by_class, param)
+                head = plan_head(graph, values, name, target.weight.device)
+                return ClosedForm(model, name, target, head, flat, backend, mode, want_flips, by_class, param)
             except ValueError as exc:
-                if method == "closed_form" or "more than once" in str(exc) or "did not run" in str(exc):
-                    raise
+                if method == "closed_form":
+                    raise ValueError(f"method='closed_form' does not apply to layer {name!r}: {exc}") from None
                 reasons.append(f"closed form: {exc}")
         elif method == "closed_form":
             raise ValueError(f"layer {name!r} is a {type(target).__name__}: method='closed_form' needs an nn.Linear "
                              "target (only torch.nn.Linear layers have a closed form)")
         else:
             reasons.append(f"closed form: needs an nn.Linear target, not {type(target).__name__}")
-    try:
-        graph = trace(model, name)
-    except ValueError as exc:
-        raise ValueError(f"{exc}{_why(reasons)}") from None
-    values = capture_values(graph, x)
     a = values[graph.target.args[0]] if graph.target.args else None
     if isinstance(target, nn.Linear) and (not isinstance(a, torch.Tensor) or a.dim() != 2):
-        shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        shape = f"(N, {', '.join(map(str, a.shape[1:]))})" if isinstance(a, torch.Tensor) else type(a).__name__
         raise ValueError(f"layer {name!r}: input of shape {shape}; only (N, features) inputs to a Linear target "
                          "are supported")
     final, why = funnel_plan(graph, values) if method in ("auto", "funnel") else (None, "method='replay'")

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import ops
 from .closed_form import _moment_slots, _moments
+from .dataflow import where
 from .plan import ELEMENTWISE, IDENTITY, logit_directions
 from .propagate import (ADD, ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, FLATTEN_FUNCS, FLATTEN_METHODS,
                         IDENTITY_METHODS, POOL_FUNCS, POOL_MODULES, RELU_FUNCS, SUB)
@@ -59,6 +60,11 @@ def funnel_plan(graph, values: dict) -> tuple[object, str | None]:
     dependent = set(graph.dependent)
     for n in graph.dependent[1:-1]:
         why = _per_channel(n, mods, dependent)
+        if why is None and (n.target in ADD or n.target in SUB or n.target in ("add", "add_", "sub", "sub_")):
+            changed = next(a for a in n.all_input_nodes if a in dependent)
+            if len(n.args) != 2 or n.kwargs or values[changed].shape != values[n].shape:
+                why = (f"node {n.name!r}{where(n)} broadcasts the change or scales it (alpha=): it does not stay "
+                       "in one channel")
         if why is None and n.target in ("mean", torch.mean):
             dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             dims = [dims] if isinstance(dims, int) else list(dims or [1])

@@ -1,15 +1,23 @@
 """The model as a torch.fx graph: which nodes depend on the target layer's output, and one forward
-per batch that keeps the values those nodes need (the funnel and replay methods work on these)."""
+per batch that keeps the values those nodes need (the closed form, the funnel and replay are all
+chosen from this graph, weightablate.dispatch).
+
+The graph is the model's *real* dataflow, checked before any method is chosen (weightablate.dataflow):
+modules are leaves only when their forward is a torch.nn forward (a subclass with its own forward
+is traced through), in-place Python operators (``+=``, ``/=``, ``x[i] = v``) are recorded as the
+in-place ops they are, and the target's parameters may not be used anywhere else."""
 from __future__ import annotations
 
+import linecache
 import operator
 import os
-import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .dataflow import SKIP_FRAMES, check_dataflow, where
 
 # Nodes whose value is metadata of a tensor (its shape), not a function of its values: they do
 # not carry a change of the target's output.
@@ -28,13 +36,74 @@ def _is_static(node: fx.Node, static: set) -> bool:
 
 
 def _where(exc: BaseException) -> str:
-    """The last frame of the user's code in an exception's traceback: 'file:line: code'."""
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's and this package's frames
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
-    if not frames:
+    """The last frame of the user's code in an exception's traceback: ' at file:line: `code`'."""
+    tb, found, inner = exc.__traceback__, None, None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith(SKIP_FRAMES):
+            found, inner = (name, tb.tb_lineno), None
+        elif found is not None and "/torch/nn/" in name:
+            inner = (name, tb.tb_lineno)  # the torch.nn module's own forward that fx could not follow
+        tb = tb.tb_next
+    if found is None:
         return ""
-    f = frames[-1]
-    return f" at {os.path.basename(f.filename)}:{f.lineno}: `{(f.line or '').strip()}`"
+    line = linecache.getline(*found).strip()
+    at = f" at {os.path.basename(found[0])}:{found[1]}" + (f": `{line}`" if line else "")
+    if inner is not None:
+        code = linecache.getline(*inner).strip()
+        at += f", inside torch's {os.path.basename(inner[0])}:{inner[1]}" + (f": `{code}`" if code else "")
+    return at
+
+
+def torch_base(cls: type) -> type | None:
+    """The torch.nn class whose forward ``cls`` runs: itself, or the torch.nn class it derives
+    from when it does not define a forward of its own; None for any other forward."""
+    for base in cls.__mro__:
+        if base.__module__.startswith(("torch.nn.", "torch.ao.nn.")) and base is not nn.Module:
+            return base if cls.forward is base.forward else None
+    return None
+
+
+class _Proxy(fx.Proxy):
+    """fx.Proxy recording ``x += y``, ``x /= y``, ... as the in-place operators they are (fx's own
+    Proxy records them as ``x = x + y``, which drops the mutation of aliases of x) and
+    ``x[i] = v`` as operator.setitem (fx's refuses it)."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _inplace(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+INPLACE_OPERATORS = {operator.iadd: "__iadd__", operator.isub: "__isub__", operator.imul: "__imul__",
+                     operator.itruediv: "__itruediv__", operator.ifloordiv: "__ifloordiv__",
+                     operator.imod: "__imod__", operator.ipow: "__ipow__", operator.imatmul: "__imatmul__",
+                     operator.iand: "__iand__", operator.ior: "__ior__", operator.ixor: "__ixor__",
+                     operator.ilshift: "__ilshift__", operator.irshift: "__irshift__"}
+for _op, _name in INPLACE_OPERATORS.items():
+    setattr(_Proxy, _name, _inplace(_op))
+
+
+class _Tracer(fx.Tracer):
+    """Leaves are the modules whose forward is torch.nn's (subclasses that keep it included);
+    anything with a forward of its own is traced through, so the graph shows what it computes."""
+
+    def __init__(self, target: nn.Module):
+        super().__init__()
+        self.record_stack_traces = True
+        self.target = target
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if m is not self.target and any(sub is self.target for sub in m.modules()):
+            return False  # a torch.nn container of the target (TransformerEncoderLayer.linear1): open it
+        return not isinstance(m, nn.Sequential) and torch_base(type(m)) is not None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
 
 @dataclass
@@ -57,28 +126,47 @@ class Graph:
         return count
 
 
-def trace(model: nn.Module, name: str) -> Graph:
-    """Trace ``model`` with torch.fx; a model that cannot be traced raises ValueError naming the construct."""
+def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: str = "weight") -> Graph:
+    """Trace ``model`` and check its dataflow around the target (weightablate.dataflow); a model
+    that cannot be traced, or whose dataflow no exact method can follow, raises ValueError naming
+    the construct."""
+    target = model.get_submodule(name) if target is None else target
+    tracer = _Tracer(target)
     try:
-        gm = fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "not traceable"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"model: torch.fx cannot trace its forward{_where(exc)} ({type(exc).__name__}: {msg}); "
-                         "the replay path needs a forward without data-dependent control flow (an if/for on "
-                         "tensor values); a Linear target with a closed-form head does not need tracing") from None
+                         "weightablate reads the model's dataflow from the traced graph, so its forward must "
+                         "be free of data-dependent control flow (an if/for on tensor values); backend='naive' "
+                         "(zero, evaluate, restore; exact but slow) needs no tracing") from None
+    gm = fx.GraphModule(tracer.root, graph)
     nodes = list(gm.graph.nodes)
-    hits = [n for n in nodes if n.op == "call_module" and n.target == name]
+    hits = [n for n in nodes if n.op == "call_module" and gm.get_submodule(n.target) is target]
     if not hits:
-        raise ValueError(f"layer {name!r} is not called in the traced forward of the model")
+        base = next((b for b in type(target).__mro__ if b in (nn.Linear, nn.Conv2d)), None)
+        if base is not None and torch_base(type(target)) is None:
+            code = getattr(type(target).forward, "__code__", None)
+            at = f" ({os.path.basename(code.co_filename)}:{code.co_firstlineno})" if code else ""
+            raise ValueError(f"layer {name!r} is a {type(target).__name__} whose forward{at} is its own, not "
+                             f"{base.__name__}'s: what it computes from its weight is not known to be a "
+                             f"{base.__name__} (a mask, a normalised weight?), so no exact method applies; "
+                             "use backend='naive' (exact, slow), or torch.nn.utils.prune for masks")
+        raise ValueError(f"layer {name!r} does not run in the model's forward")
     if len(hits) > 1:
-        raise ValueError(f"layer {name!r} runs more than once per forward pass (shared weights): "
-                         "zeroing one weight is then not a rank-one change")
-    target = hits[0]
+        raise ValueError(f"layer {name!r} runs {len(hits)} times per forward pass{where(hits[1])}: zeroing one "
+                         "weight then changes every call, which no exact method here follows; use "
+                         "backend='naive' (exact, slow)")
+    node = hits[0]
+    if not node.args and "input" in node.kwargs:  # self.fc(input=h): the same call
+        node.args, node.kwargs = (node.kwargs["input"],), {k: v for k, v in node.kwargs.items() if k != "input"}
+    check_dataflow(gm, node, name, target, param)
+    nodes = list(gm.graph.nodes)
     out = next(n for n in nodes if n.op == "output")
     logits = out.args[0]
     if not isinstance(logits, fx.Node):
         raise TypeError(f"model: forward must return a logits tensor (N, C), got {type(logits).__name__}")
-    static, dep, batched = set(), {target}, set()
+    static, dep, batched = set(), {node}, set()
     for n in nodes:
         if _is_static(n, static):
             static.add(n)
@@ -86,11 +174,17 @@ def trace(model: nn.Module, name: str) -> Graph:
         ins = n.all_input_nodes
         if n.op == "placeholder" or any(a in batched for a in ins):
             batched.add(n)
-        if n is not target and n.op != "output" and any(a in dep for a in ins):
+        if n is not node and n.op != "output" and any(a in dep for a in ins):
             dep.add(n)
-    dependent = [n for n in nodes if n in dep]
+    reaches, stack = {logits}, [logits]  # nodes the logits read, directly or not
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in reaches:
+                reaches.add(a)
+                stack.append(a)
+    dependent = [n for n in nodes if n in dep and (n is node or n in reaches)]
     needed = set(dependent) | {a for n in dependent for a in n.all_input_nodes} | {logits}
-    return Graph(gm, target, nodes, dependent, needed, batched, logits)
+    return Graph(gm, node, nodes, dependent, needed, batched, logits)
 
 
 class _Capture(fx.Interpreter):

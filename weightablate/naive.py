@@ -25,9 +25,6 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
     model's dtype, as a naive user would, and summed in float64. ``flat_idx`` index ``layer.<param>``
     ("weight" of any shape, e.g. a Conv2d's, or "bias")."""
-    if hasattr(layer, param + "_orig"):
-        raise ValueError("backend='naive' cannot zero a weight that torch.nn.utils.prune recomputes from "
-                         "weight_orig * weight_mask on every forward; call prune.remove first or use another backend")
     base = evaluate(model, batches)
     for logits, (_, y) in zip(base, batches):
         check_labels(y, logits.shape[1])
@@ -44,7 +41,9 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     out["n_samples"] = n
     out["base_loss"] = sum(ce.double().sum().item() for ce in base_ce) / n
     out["base_accuracy"] = sum(int((p == y).sum()) for p, (_, y) in zip(base_pred, batches)) / n
-    flat = getattr(layer, param).data.view(-1)
+    # torch.nn.utils.prune recomputes <param> = <param>_orig * mask on every forward: zeroing the
+    # entry of <param>_orig zeroes the weight the layer uses (a pruned entry is zero already)
+    flat = getattr(layer, param + "_orig", getattr(layer, param)).data.view(-1)
     with bar(K, "naive ablation", progress) as pbar:
         for k, idx in enumerate(flat_idx.tolist()):
             original = flat[idx].clone()

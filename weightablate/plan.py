@@ -8,12 +8,17 @@ Three kinds, all exact:
 """
 from __future__ import annotations
 
+import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from .capture import Call
+from .dataflow import describe
+from .graph import capture_values, trace
 
 # Modules that are the identity in eval mode.
 IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -22,13 +27,12 @@ IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, n
 ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
                nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.LogSigmoid, nn.Softsign,
                nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold)
-
-
-def _same(a, b) -> bool:
-    if a is b:
-        return True
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+RELU_FUNCS = {F.relu, torch.relu, torch.relu_, F.relu_}
+ELEMENTWISE_FUNCS = {F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.elu, F.leaky_relu, F.mish, F.softplus,
+                     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.hardtanh, torch.clamp, torch.clip, torch.exp,
+                     torch.abs, torch.square, F.selu, F.celu, F.logsigmoid, F.softsign, F.tanhshrink}
+ELEMENTWISE_METHOD_NAMES = {"sigmoid", "tanh", "clamp", "clip", "abs", "exp", "square"}
+IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 
 
 def logit_directions(final: nn.Linear) -> torch.Tensor:
@@ -87,8 +91,8 @@ def _affine(module: nn.Module, n: int, name: str, device):
     return gain.to(device), shift.to(device)
 
 
-def _step(call: Call, n: int, device):
-    m, name = call.module, call.name
+def _module_step(m: nn.Module, name: str, n: int, device):
+    """The closed-form step of an element-wise module, None for the identity, "break" otherwise."""
     if isinstance(m, IDENTITY):
         return None
     if isinstance(m, nn.ReLU):
@@ -100,59 +104,105 @@ def _step(call: Call, n: int, device):
     if isinstance(m, nn.BatchNorm1d):
         return ("affine", *_affine(m, n, name, device))
     if isinstance(m, ELEMENTWISE):
-        import copy
-
-        return ("module", copy.deepcopy(m).double())
+        m64 = copy.deepcopy(m).double()
+        if hasattr(m64, "inplace"):
+            m64.inplace = False
+        return ("module", m64)
     return "break"
 
 
-def plan_head(calls: list[Call], target_name: str, n_units: int, n_classes: int, device) -> Head:
-    """Walk the leaf-module calls after the target and classify the head, or raise naming the
-    module that breaks the closed-form pattern."""
-    idx = next(k for k, c in enumerate(calls) if c.name == target_name)
-    current = calls[idx].output
-    steps, names = [], []
-    final, final_name = None, None
-    for call in calls[idx + 1 :]:
-        if call.name == "<model output>":
-            if not _same(call.input, current):
-                last = final_name or (names[-1] if names else target_name)
-                raise ValueError(f"the model's output is not the output of {last!r}: forward changes it after "
-                                 "the last module (a functional op?), so no closed form applies")
-            break
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _node_step(n: fx.Node, mods: dict, units: int, device):
+    """The closed-form step of one graph node after the target (its only changed input is args[0]),
+    None for the identity, "break" when it is not a known element-wise map."""
+    rest, kw = n.args[1:], {k: v for k, v in n.kwargs.items() if k != "inplace"}
+    ones = torch.ones(units, dtype=torch.float64, device=device)
+    if n.op == "call_module":
+        if rest or kw:
+            return "break"
+        return _module_step(mods[n.target], n.target, units, device)
+    f = n.target
+    scale = {operator.mul: 1, operator.imul: 1, torch.mul: 1, "mul": 1, "mul_": 1,
+             operator.truediv: -1, operator.itruediv: -1, torch.div: -1, "div": -1, "div_": -1}
+    shift = {operator.add: 1, operator.iadd: 1, torch.add: 1, "add": 1, "add_": 1,
+             operator.sub: -1, operator.isub: -1, torch.sub: -1, "sub": -1, "sub_": -1}
+    if f in scale and len(rest) == 1 and _number(rest[0]) and not kw and rest[0] != 0:
+        c = float(rest[0]) if scale[f] == 1 else 1.0 / float(rest[0])
+        return ("affine", ones * c, ones * 0)
+    if f in shift and len(rest) == 1 and _number(rest[0]) and not kw:
+        return ("affine", ones.clone(), ones * (float(rest[0]) * shift[f]))
+    if f in RELU_FUNCS or f in ("relu", "relu_"):
+        return ("leaky", ones * 0) if not rest else "break"
+    if f in (F.leaky_relu, F.leaky_relu_):
+        slope = rest[0] if rest else kw.get("negative_slope", 0.01)
+        return ("leaky", ones * float(slope)) if _number(slope) and len(rest) <= 2 else "break"
+    if f in IDENTITY_METHODS and not rest and not kw:
+        return None
+    consts = all(not isinstance(a, fx.Node) for a in list(rest) + list(kw.values()))
+    rest = [a for a in rest if not isinstance(a, bool)]  # a positional inplace flag
+    if consts and n.op == "call_function" and f in ELEMENTWISE_FUNCS:
+        return ("module", lambda u: f(u, *rest, **kw))
+    if consts and n.op == "call_method" and f.rstrip("_") in ELEMENTWISE_METHOD_NAMES:
+        name = f.rstrip("_")
+        return ("module", lambda u: getattr(u, name)(*rest, **kw))
+    return "break"
+
+
+def plan_head(graph, values: dict, name: str, device) -> Head:
+    """Walk the traced graph from the target to the logits and reduce it to a closed-form head, or
+    raise ValueError naming the node that breaks the pattern: the target's output must reach the
+    logits through a chain of element-wise maps (each reading only the previous one) ending in a
+    final torch.nn.Linear that returns the logits."""
+    mods = dict(graph.module.named_modules())
+    x = values[graph.target.args[0]]
+    if x.dim() != 2:
+        raise ValueError(f"layer {name!r}: input of shape (N, {', '.join(map(str, x.shape[1:]))}); the closed form "
+                         "needs (N, features)")
+    units = values[graph.target].shape[1]
+    current, steps, names, final = graph.target, [], [], None
+    for n in graph.dependent[1:]:
         if final is not None:
-            raise ValueError(f"module {call.name!r} ({type(call.module).__name__}) runs after the final Linear "
-                             f"{final_name!r}; the closed form needs the final Linear to produce the logits")
-        if not _same(call.input, current):
-            raise ValueError(f"module {call.name!r} ({type(call.module).__name__}) runs after layer {target_name!r} "
-                             "but does not take the previous module's output (a branch or a functional op in "
-                             "forward): no closed-form head; a later release adds the general path")
-        if isinstance(call.module, nn.Linear):
-            final, final_name = call.module, call.name
+            raise ValueError(f"{describe(n)} runs after the final Linear {final.target!r}; the closed form needs "
+                             "the final Linear to produce the logits")
+        if n.args[:1] != (current,) or [a for a in n.all_input_nodes if a in graph.needed and a in set(
+                graph.dependent)] != [current]:
+            raise ValueError(f"{describe(n)} is not an element-wise map of the previous value alone (a branch, "
+                             "or a second use of a value after the target): no closed form")
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.Linear):
+            if n.args[1:] or n.kwargs:
+                raise ValueError(f"{describe(n)}: the final Linear takes extra arguments")
+            final = n
         else:
-            step = _step(call, n_units, device)
+            step = _node_step(n, mods, units, device)
             if step == "break":
-                raise ValueError(f"module {call.name!r} ({type(call.module).__name__}) after layer {target_name!r} "
-                                 "is not element-wise: no closed-form head; a later release adds the general path")
+                raise ValueError(f"{describe(n)} after layer {name!r} is not a known element-wise map: no closed "
+                                 "form (the funnel or replay follow it)")
             if step is not None:
                 steps.append(step)
-                names.append(f"{type(call.module).__name__}")
-        current = call.output
+                names.append(type(m).__name__ if m is not None else str(getattr(n.target, "__name__", n.target)))
+        current = n
+    if current is not graph.logits:
+        raise ValueError(f"the model returns {graph.logits.name!r}, not the output of the chain after {name!r}")
     chain = " -> ".join(names) if names else "(nothing)"
-    ones = torch.ones(n_units, dtype=torch.float64, device=device)
+    ones = torch.ones(units, dtype=torch.float64, device=device)
     if final is None:
         if steps:
-            raise ValueError(f"layer {target_name!r} produces the logits only through {chain}: "
-                             "element-wise maps on the logits are not supported")
-        return Head("logits", f"{target_name} produces the logits", n_units,
-                    gain=ones.clone(), shift=ones * 0, slope=ones.clone())
-    if final.in_features != n_units:
-        raise ValueError(f"final Linear {final_name!r} takes {final.in_features} features, layer {target_name!r} "
-                         f"gives {n_units}")
-    desc = f"{target_name} -> {chain} -> {final_name}"
+            raise ValueError(f"layer {name!r} produces the logits only through {chain}: element-wise maps on the "
+                             "logits have no closed form (the funnel or replay follow them)")
+        return Head("logits", f"{name} produces the logits", units, gain=ones.clone(), shift=ones * 0,
+                    slope=ones.clone())
+    final_module = mods[final.target]
+    if final_module.in_features != units:
+        raise ValueError(f"final Linear {final.target!r} takes {final_module.in_features} features, layer {name!r} "
+                         f"gives {units}")
+    desc = f"{name} -> {chain} -> {final.target}"
     kinds = [s[0] for s in steps]
     if "module" in kinds or kinds.count("leaky") > 1:
-        return Head("elementwise", desc, n_units, final, final_name, steps=steps)
+        return Head("elementwise", desc, units, final_module, final.target, steps=steps)
     # piecewise: compose the affine maps before and after the single activation
     gain, shift, slope, post = ones.clone(), ones * 0, ones.clone(), ones.clone()
     seen_act = False
@@ -163,4 +213,11 @@ def plan_head(calls: list[Call], target_name: str, n_units: int, n_classes: int,
             gain, shift = s[1] * gain, s[1] * shift + s[2]
         else:
             post = s[1] * post  # the shift after the activation does not move d
-    return Head("piecewise", desc, n_units, final, final_name, gain=gain, shift=shift, slope=slope, post_gain=post)
+    return Head("piecewise", desc, units, final_module, final.target, gain=gain, shift=shift, slope=slope,
+                post_gain=post)
+
+
+def closed_form_head(model: nn.Module, name: str, target: nn.Module, x: torch.Tensor, param: str = "weight") -> Head:
+    """Trace ``model``, check its dataflow and plan the closed-form head on the inputs ``x``."""
+    graph = trace(model, name, target, param)
+    return plan_head(graph, capture_values(graph, x), name, target.weight.device)

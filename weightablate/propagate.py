@@ -35,13 +35,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import ELEMENTWISE, IDENTITY
+from .plan import ELEMENTWISE, ELEMENTWISE_FUNCS, IDENTITY, IDENTITY_METHODS, RELU_FUNCS
 
-RELU_FUNCS = {F.relu, torch.relu, torch.relu_, F.relu_}
-ELEMENTWISE_FUNCS = {F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.elu, F.leaky_relu, F.mish, F.softplus,
-                     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.nn.functional.hardtanh}
 ELEMENTWISE_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_"}
-IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
 POOL_FUNCS = {F.avg_pool2d, F.adaptive_avg_pool2d, F.avg_pool1d, F.adaptive_avg_pool1d}
 ADD = {operator.add, operator.iadd, torch.add}

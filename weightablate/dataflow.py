@@ -1,0 +1,203 @@
+"""What the traced graph must prove before any exact method runs on it.
+
+1. The target's parameter is used only by the target's own call: a tied or functionally reused
+   weight (``b.weight = a.weight``, ``F.linear(h, self.fc.weight)``) changes two places at once.
+2. In-place ops are followed: a value read after an in-place op that changed it must be read as
+   the op's result. Reads of the value itself are redirected to the op (the graph becomes pure
+   dataflow, which is what the methods assume); a read of another alias of it (a view taken
+   before the op), an in-place op on the model's input, parameters or buffers, is refused,
+   naming the line of forward.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+SKIP_FRAMES = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's and this package's frames
+
+INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                     operator.ilshift, operator.irshift}
+# methods ending in "_" that do not change values
+_NOT_MUTATING = {"requires_grad_", "share_memory_", "retain_grad_"}
+# ops whose result may share memory with their first argument
+VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+                "transpose", "t", "permute", "expand", "expand_as", "narrow", "select", "unfold", "contiguous",
+                "detach", "as_strided", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "split",
+                "chunk", "unbind", "real", "imag", "to", "type_as", "float", "double", "half", "bfloat16",
+                "view_as_real", "view_as_complex", "__getitem__"}
+VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                  torch.permute, torch.narrow, torch.select, torch.t, torch.split, torch.chunk, torch.unbind,
+                  torch.movedim, torch.swapaxes, torch.detach, torch.diagonal, torch.as_strided}
+VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def where(node: fx.Node) -> str:
+    """Where the user's forward created ``node``: ' (file:line: `code`)', or '' when unknown."""
+    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None) or ""
+    lines = trace.strip().splitlines()
+    for k in range(len(lines) - 1, -1, -1):
+        text = lines[k].strip()
+        if text.startswith("File \"") and ", line " in text:
+            path = text[len("File \""):text.index("\", line ")]
+            if path.startswith(SKIP_FRAMES):
+                continue
+            lineno = text.split(", line ")[1].split(",")[0]
+            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+            return f" ({os.path.basename(path)}:{lineno}: `{code}`)" if code else f" ({os.path.basename(path)}:{lineno})"
+    return ""
+
+
+def describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target!r}{where(node)}"
+
+
+def _storage(t) -> int | None:
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) and t.numel() else None
+
+
+def _fetch(gm: fx.GraphModule, path: str):
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_shared(gm: fx.GraphModule, node: fx.Node, name: str, target: nn.Module, param: str) -> None:
+    """Refuse a target whose ablated parameter is read anywhere but by the target's own call."""
+    mine = _storage(getattr(target, param))
+    if mine is None:
+        return
+    for n in gm.graph.nodes:
+        if n is node:
+            continue
+        if n.op == "get_attr" and _storage(_fetch(gm, n.target)) == mine:
+            raise ValueError(f"layer {name!r}: its {param} is also read directly by forward{where(n)}: zeroing "
+                             "one entry changes that use too, which no exact method here follows; use "
+                             "backend='naive' (exact, slow)")
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if m is target:
+                continue
+            for t_name, t in list(m.named_parameters()) + list(m.named_buffers()):
+                if _storage(t) == mine:
+                    raise ValueError(f"layer {name!r}: its {param} is shared with module {n.target!r} ({t_name}, "
+                                     f"tied weights){where(n)}: zeroing one entry changes both, which no exact "
+                                     "method here follows; use backend='naive' (exact, slow)")
+
+
+def _inplace_flag(fn, args, kwargs) -> bool:
+    """``inplace=True`` given to a function that has that parameter (F.relu(x, True), F.dropout(..., inplace=True))."""
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in sig.parameters:
+        return False
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+def mutated(n: fx.Node, gm: fx.GraphModule):
+    """The node whose value ``n`` changes in place, or None."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    if n.op == "call_method":
+        name = n.target
+        if name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING:
+            return n.args[0]
+        return None
+    if n.op == "call_function":
+        f = n.target
+        if f in INPLACE_FUNCTIONS or f is setitem:
+            return n.args[0]
+        fname, module = getattr(f, "__name__", ""), getattr(f, "__module__", "") or ""
+        if fname.endswith("_") and not fname.startswith("_") and module.startswith("torch"):
+            return n.args[0]  # torch.relu_, F.relu_, torch.sigmoid_, ...
+        if _inplace_flag(f, n.args, n.kwargs):
+            return n.args[0]
+        return None
+    if n.op == "call_module":
+        return n.args[0] if getattr(gm.get_submodule(n.target), "inplace", False) is True else None
+    return None
+
+
+def _aliases_first_arg(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_method":
+        return n.target in VIEW_METHODS
+    if n.op == "call_function":
+        return n.target in VIEW_FUNCTIONS
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), VIEW_MODULES)
+    return False
+
+
+def setitem(x: torch.Tensor, index, value) -> torch.Tensor:
+    """``x[index] = value`` in place, as forward does, returning x (so later reads can name it)."""
+    x[index] = value
+    return x
+
+
+def functionalize(gm: fx.GraphModule, name: str) -> None:
+    """Make every read after an in-place op read the op's result, or raise naming what cannot be."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is operator.setitem:
+            n.target = setitem
+    nodes = list(gm.graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    # alias groups: union-find over "may share memory with its first argument" (views, in-place ops)
+    parent = {n: n for n in nodes}
+
+    def root(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    writes = []
+    for n in nodes:
+        x = mutated(n, gm)
+        if x is not None:
+            writes.append((n, x))
+        if x is not None or _aliases_first_arg(n, gm):
+            parent[root(n)] = root(n.args[0])
+    for n, x in writes:
+        base = root(x)
+        for member in nodes:
+            if root(member) is base and member.op in ("placeholder", "get_attr"):
+                what = "the model's input" if member.op == "placeholder" else f"{member.target!r} of the model"
+                raise ValueError(f"model: forward changes {what} in place: {describe(n)}; every forward then "
+                                 "sees other values, so a weight's effect is not defined (copy it first: "
+                                 "x = x.clone())")
+        for user in list(x.users):  # later reads of the value itself read the op's result
+            if user is not n and order[user] > order[n]:
+                user.replace_input_with(x, n)
+        for member in nodes:
+            if member is x or member is n or root(member) is not base or order[member] > order[n]:
+                continue
+            stale = [u for u in member.users if order[u] > order[n] and u is not n]
+            if stale:
+                raise ValueError(f"layer {name!r}: {describe(stale[0])} reads {member.name!r}, which the in-place "
+                                 f"op {describe(n)} changed through another view of the same memory; write the "
+                                 "in-place op out of place (y = x * 2 instead of x.mul_(2))")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def check_dataflow(gm: fx.GraphModule, node: fx.Node, name: str, target: nn.Module, param: str) -> None:
+    check_shared(gm, node, name, target, param)
+    functionalize(gm, name)
