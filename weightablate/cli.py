@@ -164,7 +164,8 @@ def interrupted_message(exc: KeyboardInterrupt) -> str:
     if not isinstance(exc, Interrupted):
         return "interrupted"
     if exc.checkpoint_path is None:
-        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes)"
+        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes " \
+               "from where it stopped)"
     return (f"interrupted after {exc.position()}, checkpoint saved in {exc.checkpoint_path.parent}: rerun the same "
             "command to resume")
 

@@ -6,7 +6,6 @@ that chunk, plus the capture time per sample, scaled to every weight and sample,
 Small chunks amortise less than the run's, so it errs on the long side; data loading is not in it."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch import nn
 from . import ops
 from .dispatch import choose_method
 from .memory import check_max_memory
+from .model_copy import copy_model
 from .progress import duration
 from .selection import select_weights
 from .sweep import make_batch
@@ -72,9 +72,9 @@ def estimate(model: nn.Module, layer: str, first_batch, n_samples: int, weights=
     x, y = x.to(device), y.to(device=device, dtype=torch.int64)
     run = model
     if precision == "float64" and tensor.dtype != torch.float64:
-        run, x = copy.deepcopy(model).double(), x.double()
+        run, x = copy_model(model, torch.float64), x.double()
     elif tensor.dtype in (torch.float16, torch.bfloat16):
-        run, x = copy.deepcopy(model).float(), x.float()
+        run, x = copy_model(model, torch.float32), x.float()
     resolved = ops.resolve_backend(backend, device)
     K = flat.numel()
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
