@@ -204,7 +204,8 @@ def test_interrupt_mid_batch_saves_and_resumes_bit_identical(tmp_path, monkeypat
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     X, y = torch.randn(200, 10), torch.randint(0, 4, (200,))
-    args = dict(weights=100, batch_size=50, max_memory=4 * 32 * 50 * 7, by_class=True)  # chunks of 7 weights
+    # chunks of 7 weights; no self-check (its probe would count as score calls)
+    args = dict(weights=100, batch_size=50, max_memory=4 * 32 * 50 * 7, by_class=True, verify=False)
     reference = weightablate.ablate(model, "0", (X, y), **args)
     real, calls = ClosedForm.score, []
 
@@ -323,3 +324,32 @@ def test_estimate_option_stops_after_the_estimate(tmp_path, image_folder):
     assert proc.stdout.startswith("estimate: method logits; 1,536 weights x 12 samples")
     assert "pairs/s" in proc.stdout and "in all" in proc.stdout and "memory" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+# --- max_memory -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tail, kind", [
+    ([torch.nn.BatchNorm2d(8), torch.nn.ReLU()], "funnel"),
+    ([torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)], "replay"),
+])
+def test_cpu_chunks_stop_growing_at_the_cap(tail, kind):
+    from weightablate.dispatch import choose_method
+    from weightablate.memory import CPU_REPLAY_BYTES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), *tail, torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    method = choose_method(model, "0", model[0], "weight", torch.arange(216), x, "cpu", "auto", True, False)
+    assert method.kind == kind
+    method.prepare(x, y)
+    budgets = (1 << 16, 1 << 20, CPU_REPLAY_BYTES // 2, CPU_REPLAY_BYTES, 1 << 30, 1 << 40)
+    sizes = [method.chunk_size(4, b) for b in budgets]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[3]  # more budget, bigger chunks, up to the cap
+    assert sizes[3] == sizes[4] == sizes[5]  # past it the same chunks: a bigger budget is never slower
+
+
+def test_keep_freed_memory_takes_effect_on_linux():
+    from weightablate.memory import keep_freed_memory
+
+    assert keep_freed_memory() == sys.platform.startswith("linux")

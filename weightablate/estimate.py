@@ -3,7 +3,9 @@
 The method ablate would pick scores a growing chunk of weights on the first batch (after a warm-up
 chunk) until one chunk takes PROBE_SECONDS (or reaches the chunk size of the run); the time per (weight, sample) pair of
 that chunk, plus the capture time per sample, scaled to every weight and sample, is the estimate.
-Small chunks amortise less than the run's, so it errs on the long side; data loading is not in it."""
+Planning (one traced capture) and the self-check (verify=True, a few float64 forwards of 8 samples)
+are added as fixed costs. Small chunks amortise less than the run's, so the scoring part errs on the
+long side; data loading is not in it, and a machine whose load changes makes any estimate move."""
 from __future__ import annotations
 
 import time
@@ -21,6 +23,7 @@ from .selection import select_weights
 from .sweep import make_batch
 
 PROBE_SECONDS = 0.3
+CHECK_SAMPLE_FORWARDS = 2 * 5 * 8  # the self-check's float64 forwards (about twice float32's cost), per sample
 SUMS_BYTES_PER_WEIGHT = 8 + 8 + 8 * 3 + 1  # delta_loss, delta_kl, three int64 counts, exact_zero
 
 
@@ -91,7 +94,9 @@ def estimate(model: nn.Module, layer: str, first_batch, n_samples: int, weights=
                                 0, K * SUMS_BYTES_PER_WEIGHT, model_bytes)
             scorer = choose_method(run, layer, run.get_submodule(layer), param, flat, x, resolved, mode, True,
                                    by_class, method)
+            started = time.perf_counter()
             scorer.prepare(x, y)  # the first capture also plans (traces): time a second one
+            plan = time.perf_counter() - started
             started = time.perf_counter()
             logits = scorer.prepare(x, y)
             batch, _ = make_batch(logits, y, None)
@@ -110,7 +115,9 @@ def estimate(model: nn.Module, layer: str, first_batch, n_samples: int, weights=
         for m, was in training.items():
             m.training = was
     n = batch.n
-    seconds = capture / n * n_samples + probe / (w * n) * K * n_samples
+    # fixed costs: planning (tracing), and the self-check: ~5 float64 forwards of 8 samples
+    fixed = plan + CHECK_SAMPLE_FORWARDS * capture / n
+    seconds = fixed + capture / n * n_samples + probe / (w * n) * K * n_samples
     sums = K * SUMS_BYTES_PER_WEIGHT + (K * logits.shape[1] * 8 if by_class else 0)
     return Estimate(scorer.kind, scorer.description, K, n_samples, step, w, n, probe, capture, seconds,
                     max_memory, sums, model_bytes)
