@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save the running sums in DIR (atomically, with checksums and fingerprints); rerunning "
                           "the same command after an interruption resumes with a bit-identical result")
     run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                     help="seconds between checkpoint saves (default 60; 0 = after every batch)")
+                     help="seconds between checkpoint saves (default 60; 0 = after every chunk of weights); "
+                          "Ctrl-C and the end always save")
     run.add_argument("--no-report", action="store_true",
                      help="skip the report (criteria, activation statistics, figures, report.html)")
     run.add_argument("--estimate", action="store_true",
@@ -328,7 +329,7 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
     return model.to(device).eval(), desc, folder, device
 
 
-def estimate_run(args, model: nn.Module, layer: str, k, by_class: bool, folder, device) -> str:
+def estimate_run(args, model: nn.Module, layer: str, k, by_class: bool, folder) -> str:
     """The estimate line of `run`: timed on the first batch, scaled to every weight and sample
     (digits: the test split and the train subset of its size)."""
     from . import digits as dg
@@ -415,7 +416,7 @@ def _run(args, distributed) -> int:
     by_class = not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
     if main_rank and (args.estimate or not quiet):
-        text = estimate_run(args, model, layer, k, by_class, folder, device)
+        text = estimate_run(args, model, layer, k, by_class, folder)
         if args.estimate:
             print(text)
             return 0
