@@ -204,7 +204,8 @@ def test_interrupt_mid_batch_saves_and_resumes_bit_identical(tmp_path, monkeypat
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     X, y = torch.randn(200, 10), torch.randint(0, 4, (200,))
-    args = dict(weights=100, batch_size=50, max_memory=4 * 32 * 50 * 7, by_class=True)  # chunks of 7 weights
+    # chunks of 7 weights; no self-check (its probe would count as score calls)
+    args = dict(weights=100, batch_size=50, max_memory=4 * 32 * 50 * 7, by_class=True, verify=False)
     reference = weightablate.ablate(model, "0", (X, y), **args)
     real, calls = ClosedForm.score, []
 
@@ -292,3 +293,63 @@ def test_ctrl_c_on_the_command_then_rerun_resumes(tmp_path, monkeypatch):
         a, b = weightablate.load(tmp_path / "a" / f), weightablate.load(tmp_path / "b" / f)
         assert torch.equal(a.delta_loss, b.delta_loss) and torch.equal(a.flips, b.flips)
         assert a.base_loss == b.base_loss
+
+
+# --- the estimate ---------------------------------------------------------------------------------
+
+def test_estimate_names_the_method_and_the_size(image_folder):
+    import torchvision
+
+    from weightablate.estimate import estimate
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 3, (6,))
+    for layer, k, method in (("fc", None, "logits"), ("layer4.1.conv2", 40, "funnel"), ("layer4.1.conv1", 3, "replay")):
+        est = estimate(model, layer, (x, y), 600, k, max_memory="64MiB", by_class=True)
+        res = weightablate.ablate(model, layer, (x, y), weights=k, max_memory="64MiB")
+        assert est.method == res.method == method
+        assert est.n_weights == len(res) and est.pairs == len(res) * 600
+        assert 1 <= est.probe_weights <= est.chunk <= len(res) and est.probe_samples == 6
+        assert est.seconds > 0 and est.scratch_bytes == 64 << 20
+        assert est.sums_bytes == len(res) * (41 + 3 * 8)  # sums and the by-class split
+        text = est.text()
+        assert f"method {method}" in text and f"x 600 samples" in text and "in all" in text
+
+
+def test_estimate_option_stops_after_the_estimate(tmp_path, image_folder):
+    proc = command("run", "--model", "resnet18", "--data", image_folder, "--image-size", "32", "--estimate",
+                   "--out", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("estimate: method logits; 1,536 weights x 12 samples")
+    assert "pairs/s" in proc.stdout and "in all" in proc.stdout and "memory" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+# --- max_memory -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tail, kind", [
+    ([torch.nn.BatchNorm2d(8), torch.nn.ReLU()], "funnel"),
+    ([torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)], "replay"),
+])
+def test_cpu_chunks_stop_growing_at_the_cap(tail, kind):
+    from weightablate.dispatch import choose_method
+    from weightablate.memory import CPU_REPLAY_BYTES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), *tail, torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    method = choose_method(model, "0", model[0], "weight", torch.arange(216), x, "cpu", "auto", True, False)
+    assert method.kind == kind
+    method.prepare(x, y)
+    budgets = (1 << 16, 1 << 20, CPU_REPLAY_BYTES // 2, CPU_REPLAY_BYTES, 1 << 30, 1 << 40)
+    sizes = [method.chunk_size(4, b) for b in budgets]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[3]  # more budget, bigger chunks, up to the cap
+    assert sizes[3] == sizes[4] == sizes[5]  # past it the same chunks: a bigger budget is never slower
+
+
+def test_keep_freed_memory_takes_effect_on_linux():
+    from weightablate.memory import keep_freed_memory
+
+    assert keep_freed_memory() == sys.platform.startswith("linux")

@@ -104,7 +104,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
             assert_equal_results(wa.load(tmp_path / f"{name}-rank{rank}.npz"), single)
     for rank in (0, 1):
         assert_equal_results(wa.load(tmp_path / f"checkpointed-rank{rank}.npz"), ns["run"]("subset"))
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["sweep-rank0-of-2.ckpt", "sweep-rank1-of-2.ckpt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["sweep-rank0-of-2.ckpt", "sweep-rank0-of-2.ckpt.lock",
+                                                     "sweep-rank1-of-2.ckpt", "sweep-rank1-of-2.ckpt.lock"]
 
 
 FAILING = r'''
@@ -156,4 +157,5 @@ def test_cli_under_torchrun_rank0_writes(tmp_path):
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
     for f in ("results.npz", "results_train.npz"):
         assert_equal_results(wa.load(tmp_path / "two" / f), wa.load(tmp_path / "one" / f))
-    assert sorted(os.listdir(tmp_path / "ck" / "test")) == ["sweep-rank0-of-2.ckpt", "sweep-rank1-of-2.ckpt"]
+    assert sorted(p for p in os.listdir(tmp_path / "ck" / "test") if not p.endswith(".lock")) == \
+        ["sweep-rank0-of-2.ckpt", "sweep-rank1-of-2.ckpt"]

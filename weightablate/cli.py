@@ -176,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save the running sums in DIR (atomically, with checksums and fingerprints); rerunning "
                           "the same command after an interruption resumes with a bit-identical result")
     run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                     help="seconds between checkpoint saves (default 60; 0 = after every batch)")
+                     help="seconds between checkpoint saves (default 60; 0 = after every chunk of weights); "
+                          "Ctrl-C and the end always save")
     run.add_argument("--no-report", action="store_true",
                      help="skip the report (criteria, activation statistics, figures, report.html)")
+    run.add_argument("--estimate", action="store_true",
+                     help="print the estimate (method, weights x samples, expected time from a timed chunk of the "
+                          "first batch, memory) and stop; every run prints it at the start")
     run.set_defaults(func=cmd_run, parser=run)
     _add_prune_parser(sub)
     from .cli_report import add_parsers as _add_report_parsers
@@ -218,7 +222,8 @@ def interrupted_message(exc: KeyboardInterrupt) -> str:
     if not isinstance(exc, Interrupted):
         return "interrupted"
     if exc.checkpoint_path is None:
-        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes)"
+        return f"interrupted after {exc.position()}; nothing was saved (with --checkpoint-dir DIR a rerun resumes " \
+               "from where it stopped)"
     return (f"interrupted after {exc.position()}, checkpoint saved in {exc.checkpoint_path.parent}: rerun the same "
             "command to resume")
 
@@ -454,6 +459,25 @@ def model_and_folder(args, log, main_first=contextlib.nullcontext):
     return model.to(device).eval(), desc, folder, device
 
 
+def estimate_run(args, model: nn.Module, layer: str, k, by_class: bool, folder) -> str:
+    """The estimate line of `run`: timed on the first batch, scaled to every weight and sample
+    (digits: the test split and the train subset of its size)."""
+    from . import digits as dg
+    from .estimate import estimate
+
+    if folder is None:
+        X_te, y_te = dg.load_digits_split(args.seed)[2:]
+        dtype = next(model.parameters()).dtype
+        first, n_samples = (X_te[: args.batch_size or 1024].to(dtype), y_te[: args.batch_size or 1024]), \
+            2 * X_te.shape[0]
+    else:
+        loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size or 64, shuffle=False)
+        first, n_samples = next(iter(loader)), len(folder)
+    est = estimate(model, layer, first, n_samples, k, seed=args.seed, backend=args.backend, mode=args.mode,
+                   precision=args.precision, max_memory=args.max_memory, by_class=by_class)
+    return est.text()
+
+
 def save_model_weights(model: nn.Module, args) -> str:
     """Where the weights the run used are kept, as said in the summary: --checkpoint itself, or
     model.pt in --out (a randomly initialised or the digits model), so a result can be traced to
@@ -470,6 +494,9 @@ def save_model_weights(model: nn.Module, args) -> str:
 
 def cmd_run(args) -> int:
     from . import distributed
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()  # chunks reuse freed scratch instead of faulting fresh pages in (benchmarks/README)
 
     own_group = distributed.init_from_env(_device(args).type)  # under torchrun: join the process group
     try:
@@ -492,7 +519,7 @@ def _run(args, distributed) -> int:
     progress = False if quiet else None
     on_digits = args.data == "digits"
     default_model = args.model is None
-    if main_rank:
+    if main_rank and not args.estimate:
         check_outputs(args)  # before any work: an unwritable --out must not cost the whole run
     model, model_desc, folder, device = model_and_folder(args, log, distributed.main_first)
     num_classes = dg.N_CLASSES if folder is None else folder.model_classes
@@ -522,6 +549,12 @@ def _run(args, distributed) -> int:
     by_class = args.by_class if args.by_class is not None else \
         not args.no_report and by_class_ok(numel if k is None else k, num_classes)
 
+    if main_rank and (args.estimate or not quiet):
+        text = estimate_run(args, model, layer, k, by_class, folder)
+        if args.estimate:
+            print(text)
+            return 0
+        log(text)
     weights_file = save_model_weights(model, args) if main_rank else None
     train_result = None
     if on_digits:

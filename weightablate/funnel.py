@@ -16,7 +16,7 @@ from .dataflow import where
 from .plan import ELEMENTWISE, IDENTITY, logit_directions
 from .propagate import (ADD, ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, FLATTEN_FUNCS, FLATTEN_METHODS,
                         IDENTITY_METHODS, POOL_FUNCS, POOL_MODULES, RELU_FUNCS, SUB)
-from .replay import BYTES_PER_ENTRY, Replay
+from .replay import BYTES_PER_ENTRY, Replay, cpu_capped
 
 SCRATCH_PER_PAIR = 32  # bytes per (weight, sample) of the stage-2 kernels
 
@@ -113,7 +113,8 @@ class Funnel(Replay):
 
     def chunk_size(self, n: int, max_memory: int) -> int:
         per_channel = max(1, self.per_sample // max(1, self.head_rows.shape[0]))
-        return max(1, max_memory // ((BYTES_PER_ENTRY * per_channel + SCRATCH_PER_PAIR) * max(n, 1)))
+        budget = cpu_capped(max_memory, self.flat)
+        return max(1, budget // ((BYTES_PER_ENTRY * per_channel + SCRATCH_PER_PAIR) * max(n, 1)))
 
     def score(self, batch, sl: slice):
         d0 = self.prop.target_delta(self.flat[sl], self.vals[sl])

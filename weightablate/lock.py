@@ -1,10 +1,11 @@
 """One process at a time on a checkpoint: an exclusive lock file that says who holds it.
 
-The lock is fcntl.flock on ``DIR/.NAME.lock``. The kernel drops it when its process dies (even by
-kill -9), so a lock left by a process that is gone is free to take, and its file still names that
-process: the new holder says it took it over. Within one process a new lock on the same file
-replaces an older one (left by a call that failed before it released it). The file is never deleted (deleting a flock'd file
-lets two processes lock two different files of one name); its content is cleared on release."""
+The lock is fcntl.flock on a file (``DIR/sweep.ckpt.lock`` for a checkpoint). The kernel drops it
+when its process dies (even by kill -9), so a lock left by a process that is gone is free to take,
+and its file still names that process: the new holder says it took it over. Within one process a
+new lock on the same file replaces an older one (left by a call that failed before releasing it).
+The file is never deleted (deleting a flock'd file lets two processes lock two different files of
+one name); its content is cleared on release."""
 from __future__ import annotations
 
 import json

@@ -31,3 +31,32 @@ def check_max_memory(max_memory) -> int:
 def chunk_size(bytes_per_weight: int, max_memory: int) -> int:
     """How many weights to score at once so their scratch fits in max_memory (at least one)."""
     return max(1, max_memory // max(1, bytes_per_weight))
+
+
+# CPU: chunks of replayed changes beyond this many bytes of scratch get no faster (the per-weight
+# work is a whole tail's forward already) but stop fitting the allocator's reusable blocks: each
+# node's output then is a fresh mmap whose pages fault in on every chunk (benchmarks/bench_memory.py:
+# a 1 GiB budget was 2x slower than 64 MiB). A bigger max_memory is capped here, so never slower.
+CPU_REPLAY_BYTES = 64 << 20
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks (up to 32 MiB each) for reuse instead of handing them
+    back to the system and faulting their pages in again on the next chunk (glibc only; process-wide,
+    so the command line calls it, the library does not). True when it took effect."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+                and mallopt(_M_TOP_PAD, 64 << 20))

@@ -9,10 +9,16 @@ import torch
 from ._reference import _exact_kl
 from .capture import check_logits
 from .graph import capture_values
+from .memory import CPU_REPLAY_BYTES
 from .propagate import Propagator, max_numel
 
 BYTES_PER_ENTRY = 8 * 6  # float64 change, its base block and the temporaries of one node
 SCORE_BLOCK = 1 << 22  # entries of one (pairs x classes) scoring block
+
+
+def cpu_capped(max_memory: int, on: torch.Tensor) -> int:
+    """The scratch budget of one chunk: max_memory, at most CPU_REPLAY_BYTES on the CPU (memory.py)."""
+    return min(max_memory, CPU_REPLAY_BYTES) if on.device.type == "cpu" else max_memory
 
 
 def param_values(target, param: str, flat: torch.Tensor) -> torch.Tensor:
@@ -55,7 +61,7 @@ class Replay:
         return self._prepare(x)
 
     def chunk_size(self, n: int, max_memory: int) -> int:
-        return max(1, max_memory // (BYTES_PER_ENTRY * self.per_sample * max(n, 1)))
+        return max(1, cpu_capped(max_memory, self.flat) // (BYTES_PER_ENTRY * self.per_sample * max(n, 1)))
 
     def score(self, batch, sl: slice):
         d0 = self.prop.target_delta(self.flat[sl], self.vals[sl])

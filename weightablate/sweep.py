@@ -90,12 +90,17 @@ def make_batch(logits: torch.Tensor, labels: torch.Tensor, n_classes: int | None
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep: where it stopped and whether a checkpoint holds the work done."""
 
-    def __init__(self, batches: int, weights: int, n_weights: int, total_batches, checkpoint_path):
+    def __init__(self, batches: int, weights: int, n_weights: int, total_batches, checkpoint_path,
+                 saved: bool = True):
         self.batches, self.weights, self.n_weights = batches, weights, n_weights
-        self.total_batches, self.checkpoint_path = total_batches, checkpoint_path
-        super().__init__(f"interrupted after {self.position()}; " + (
-            f"checkpoint saved in {str(checkpoint_path.parent)!r}: run the same call again to resume"
-            if checkpoint_path is not None else "nothing was saved (no checkpoint_dir)"))
+        self.total_batches = total_batches
+        self.checkpoint_path = checkpoint_path if saved else None  # None: nothing was saved
+        if self.checkpoint_path is not None:
+            then = f"checkpoint saved in {str(checkpoint_path.parent)!r}: run the same call again to resume"
+        else:
+            why = "no checkpoint_dir" if checkpoint_path is None else "nothing done yet"
+            then = f"nothing was saved ({why})"
+        super().__init__(f"interrupted after {self.position()}; {then}")
 
     def position(self) -> str:
         """'batch 3/10' (and how far into the next one)."""
@@ -156,7 +161,8 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
         prog.resumed(done + partial / K)
     data_hash = DataHash() if checkpoint is not None else None
     totals, read, unsaved, last = None, 0, False, None
-    where = [done, partial, state["data_hash"] if state is not None else None]  # the sums hold: batches done, weights of the next, data hash of those
+    # what the sums hold: batches done, weights of the next one, the data hash of the batches read
+    where = [done, partial, state["data_hash"] if state is not None else None]
 
     def save():
         checkpoint.save({"batches": where[0], "partial": where[1], "data_hash": where[2], "totals": totals.state()})
@@ -203,7 +209,7 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
         saved = checkpoint is not None and (totals is not None or state is not None)
         if checkpoint is not None and totals is not None:
             save()
-        raise Interrupted(where[0], where[1], K, total_batches, checkpoint.path if saved else None) from None
+        raise Interrupted(where[0], where[1], K, total_batches, checkpoint and checkpoint.path, saved) from None
     if read < hashed:
         raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: saved after {hashed} batches but the data has "
                               f"only {read}; resume with the same data, or use another checkpoint_dir")
