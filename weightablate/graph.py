@@ -37,16 +37,22 @@ def _is_static(node: fx.Node, static: set) -> bool:
 
 def _where(exc: BaseException) -> str:
     """The last frame of the user's code in an exception's traceback: ' at file:line: `code`'."""
-    tb, found = exc.__traceback__, None
+    tb, found, inner = exc.__traceback__, None, None
     while tb is not None:
         name = tb.tb_frame.f_code.co_filename
         if not name.startswith(SKIP_FRAMES):
-            found = (name, tb.tb_lineno)
+            found, inner = (name, tb.tb_lineno), None
+        elif found is not None and "/torch/nn/" in name:
+            inner = (name, tb.tb_lineno)  # the torch.nn module's own forward that fx could not follow
         tb = tb.tb_next
     if found is None:
         return ""
     line = linecache.getline(*found).strip()
-    return f" at {os.path.basename(found[0])}:{found[1]}" + (f": `{line}`" if line else "")
+    at = f" at {os.path.basename(found[0])}:{found[1]}" + (f": `{line}`" if line else "")
+    if inner is not None:
+        code = linecache.getline(*inner).strip()
+        at += f", inside torch's {os.path.basename(inner[0])}:{inner[1]}" + (f": `{code}`" if code else "")
+    return at
 
 
 def torch_base(cls: type) -> type | None:
@@ -86,11 +92,14 @@ class _Tracer(fx.Tracer):
     """Leaves are the modules whose forward is torch.nn's (subclasses that keep it included);
     anything with a forward of its own is traced through, so the graph shows what it computes."""
 
-    def __init__(self):
+    def __init__(self, target: nn.Module):
         super().__init__()
         self.record_stack_traces = True
+        self.target = target
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if m is not self.target and any(sub is self.target for sub in m.modules()):
+            return False  # a torch.nn container of the target (TransformerEncoderLayer.linear1): open it
         return not isinstance(m, nn.Sequential) and torch_base(type(m)) is not None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -122,7 +131,7 @@ def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: s
     that cannot be traced, or whose dataflow no exact method can follow, raises ValueError naming
     the construct."""
     target = model.get_submodule(name) if target is None else target
-    tracer = _Tracer()
+    tracer = _Tracer(target)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "not traceable"
