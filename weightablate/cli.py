@@ -24,8 +24,8 @@ from torch import nn
 
 from . import __version__
 from .api import MODES, PRECISIONS
-from .dispatch import METHODS
 from .ops import BACKENDS
+from .dispatch import METHODS
 
 DEFAULT_K = 4096
 _DEFAULT = object()  # --weights not given (argparse applies type= to string defaults only)

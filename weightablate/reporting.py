@@ -771,11 +771,13 @@ figcaption { color: #555; font-size: .92em; } .note { color: #555; } nav a { mar
 
 def render_html(d: dict, figures, title=None) -> str:
     layer = d.get("layer", "")
-    shape = "x".join(str(v) for v in (d.get("weight_shape") or d.get("layer_shape") or []))
+    rows, cols = (d.get("layer_shape") or [0, 0])[:2]
+    if len(d.get("weight_shape") or []) > 2:  # a conv: out x in x kh x kw
+        rows, cols = d["weight_shape"][0], "x".join(str(v) for v in d["weight_shape"][1:])
     title = title or f"weightablate report: {layer}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     head_rows = [[key, html.escape(str(d[key]))] for key in ("model", "data") if key in d]
-    head_rows += [["layer", f"{html.escape(str(layer))} ({shape})"], ["weights ablated", d.get("n_weights")],
+    head_rows += [["layer", f"{html.escape(str(layer))} ({rows}x{cols})"], ["weights ablated", d.get("n_weights")],
                   ["samples", d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
                   ["base loss (mean CE)", d.get("base_loss")], ["base accuracy", d.get("base_accuracy")],
                   ["ablation seconds", d.get("seconds")]]
