@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import weightablate as wa
 from weightablate import digits
@@ -214,6 +213,7 @@ def test_image_folder_center_crop(tmp_path, folder):
     assert wa.load(out / "results.npz").base_loss == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_imagenet_checkpoint_on_a_three_class_folder(tmp_path, folder, capsys):
     """A 1000-class checkpoint: the error names --num-classes; then the folder's ImageNet category names
     are the labels (goldfish = 1, tench = 0, tiger shark = 3)."""
@@ -249,6 +249,10 @@ def test_class_map_rules_and_errors(tmp_path, folder, capsys):
 
     assert class_map(["0", "17", "954"], 1000) == ([0, 17, 954], "name")
     assert class_map(["a", "b"], 2) == ([0, 1], "index")
+    cats = ["tench", "goldfish", "great white shark", "tiger shark"]
+    assert class_map(["goldfish", "Tiger_Shark"], 4, categories=cats) == ([1, 3], "categories")
+    with pytest.raises(ValueError, match="not category names"):
+        class_map(["goldfish", "cat"], 4, "categories", cats)
     with pytest.raises(ValueError, match="say which model class"):
         class_map(["a", "b"], 10)
     err = run_error(["run", "--model", "flat_models:net", "--data", str(folder), "--num-classes", "10",

@@ -284,7 +284,7 @@ def test_load_refuses_a_foreign_file(tmp_path, content):
 
 
 def test_conv_coords_in_the_dataframe(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pandas")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, (2, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 2, 5))
     X, y = torch.randn(6, 3, 4, 4), torch.randint(0, 5, (6,))

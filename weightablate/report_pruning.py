@@ -79,7 +79,7 @@ def summarize_pruning(rows: list[dict]) -> dict:
 
 def fig_pruning(summary: dict, keys=("accuracy",)):
     """One panel per (key, model): the key against sparsity, mean and sd (error bar) over seeds."""
-    from .reporting import _figure
+    from .figures import _figure
 
     models = list(summary)
     fig, axes = _figure(5.5 * len(models), 4.2 * len(keys), len(models), len(keys))
@@ -101,7 +101,7 @@ def fig_pruning(summary: dict, keys=("accuracy",)):
 
 def plot_pruning(sources, path, keys=("accuracy",), title: str | None = None) -> Path:
     """Write fig_pruning of ``sources`` (as for pruning_rows) to the PNG ``path``; returns it."""
-    from .reporting import _png
+    from .figures import _png
 
     fig = fig_pruning(summarize_pruning(pruning_rows(sources)), keys)
     if title:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .figures import _BLUE, _GREY, _RED, DPI, _figure, _png
 from .result import AblationResult, load
 from .summary import _corr, _distribution, _f, _np, count, positions, summarize, to_json
 
@@ -46,8 +46,6 @@ BOOTSTRAP_WORK = 5e7  # replicates x weights: B = min(bootstrap, max(100, BOOTST
 FRACTIONS = (0.01, 0.10)
 TOP = 10
 HIST_BINS = 80
-DPI = 100
-_BLUE, _RED, _GREY = "#1f77b4", "#d62728", "#7f7f7f"
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -225,22 +223,6 @@ def _weight_rows(result, order, extra) -> list:
 
 
 # --- figures ----------------------------------------------------------------------------------
-
-def _figure(w=10.0, h=4.0, ncols=1, nrows=1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)  # headless: never pyplot, never the user's backend
-    axes = [fig.add_subplot(nrows, ncols, k + 1) for k in range(nrows * ncols)]
-    return fig, axes
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
 
 def _xy(ax, x, y, max_points, xlabel, ylabel, color=_BLUE) -> dict:
     """A scatter of every point, or above ``max_points`` a hexbin (log counts) of every point."""
@@ -789,12 +771,14 @@ figcaption { color: #555; font-size: .92em; } .note { color: #555; } nav a { mar
 
 def render_html(d: dict, figures, title=None) -> str:
     layer = d.get("layer", "")
-    shape = "x".join(str(v) for v in (d.get("weight_shape") or d.get("layer_shape") or []))
+    rows, cols = (d.get("layer_shape") or [0, 0])[:2]
+    if len(d.get("weight_shape") or []) > 2:  # a conv: out x in x kh x kw
+        rows, cols = d["weight_shape"][0], "x".join(str(v) for v in d["weight_shape"][1:])
     title = title or f"weightablate report: {layer}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     head_rows = [[key.replace("_", " "), html.escape(str(d[key]))] for key in ("model", "model_weights", "data")
                  if key in d]
-    head_rows += [["layer", f"{html.escape(str(layer))} ({shape})"], ["weights ablated", d.get("n_weights")],
+    head_rows += [["layer", f"{html.escape(str(layer))} ({rows}x{cols})"], ["weights ablated", d.get("n_weights")],
                   ["samples", d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
                   ["base loss (mean CE)", d.get("base_loss")], ["base accuracy", d.get("base_accuracy")],
                   ["ablation seconds", d.get("seconds")]]
