@@ -19,6 +19,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,max,rounds
+	# the fused whole-layer kernel: AlexNet FC2 rows x 2,048 samples, extrapolated; digits vs the naive loop
+	$(PY) benchmarks/whole_layer.py --rows 16 --ratio-rows 4 --rounds 2
 
 setup: $(STAMP)
 

@@ -198,12 +198,13 @@ def test_whole_rows_match_oracle(C, layer):
     X, y = torch.randn(64, 12) * 2, torch.randint(0, C, (64,))
     r = wa.ablate(model, layer, (X, y), precision="float64", batch_size=40, progress=False)
     assert r.extra["fused"] and r.extra["active_pairs"] > 0
-    ref = oracle(model, layer, X, y, r.indices)
-    err = (r.delta_loss - ref["delta_loss"]).abs()
+    pick = torch.linspace(0, len(r) - 1, min(len(r), 160)).long()  # the oracle costs a forward per weight
+    ref = oracle(model, layer, X, y, r.indices[pick])
+    err = (r.delta_loss[pick] - ref["delta_loss"]).abs()
     assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all(), err.max()
-    assert torch.allclose(r.delta_kl, ref["delta_kl"], rtol=1e-6, atol=1e-12)
-    assert torch.equal(r.flips, ref["flips"])
-    assert torch.equal(r.exact_zero, ref["exact_zero"])
+    assert torch.allclose(r.delta_kl[pick], ref["delta_kl"], rtol=1e-6, atol=1e-12)
+    assert torch.equal(r.flips[pick], ref["flips"])
+    assert torch.equal(r.exact_zero[pick], ref["exact_zero"])
 
 
 def two_stage_ablate(monkeypatch, *args, **kw):
@@ -244,10 +245,11 @@ def test_large_weights_fall_back_and_match_oracle():
     X, y = torch.randn(50, 8), torch.randint(0, 50, (50,))
     r = wa.ablate(model, "2", (X, y), precision="float64", progress=False)
     assert r.extra["exact_fraction"] > 0.2
-    ref = oracle(model, "2", X, y, r.indices)
-    err = (r.delta_loss - ref["delta_loss"]).abs()
+    pick = torch.arange(0, len(r), 2)
+    ref = oracle(model, "2", X, y, r.indices[pick])
+    err = (r.delta_loss[pick] - ref["delta_loss"]).abs()
     assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all(), err.max()
-    assert torch.equal(r.flips, ref["flips"])
+    assert torch.equal(r.flips[pick], ref["flips"])
 
 
 def test_sparse_selection_and_elementwise_keep_two_stage():

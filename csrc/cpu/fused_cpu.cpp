@@ -33,6 +33,12 @@ constexpr int64_t kTile = 256;   // samples per tile: the unit's tile values sta
 constexpr int kMaxOrder = 8;     // moments up to this order
 constexpr double kLogSeriesMax = 6.5e-3;  // |S| up to which the loop's log1p series (degree 9) is exact
 constexpr double kMinQ = 1e-200;  // below this (but > 0) q's moments may be subnormal: exact loop
+// Flip test: the kNear classes closest to the top logit are checked one by one (d (v_c - v_top) vs
+// their gap), the rest at once (d times the largest v_c - v_top on d's side vs the next gap). A
+// candidate is resolved by argmax; kFlipSlack (relative to the logits and |d v|) keeps the test
+// conservative under rounding. The plain |d| range >= margin test marks ~100x more pairs when C is large.
+constexpr int kNear = 4;
+constexpr double kFlipSlack = 1e-12;
 
 constexpr double kInvFact[kMaxOrder + 2] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
                                             1.0 / 5040, 1.0 / 40320, 1.0 / 362880};
@@ -50,37 +56,56 @@ WA_INLINE double log1p_minus_9(double s) {
   return acc * s * s;
 }
 
-// pair_deltas' d (same operations, same values): s(u - g delta) - s(u), delta = w a.
+// pair_deltas' d (same operations, same values): s(u - g delta) - s(u), delta = w a. Where
+// delta = 0 this is +-0 (du = -g delta is, and u, u + du are on one piece) where pair_deltas
+// writes +0: the same for every use here. (Its select on delta == 0 keeps GCC from vectorising
+// the loop that calls this.)
 WA_INLINE double leaky_d(double wk, double a, double u, double g, double sl) {
   const double delta = wk * a;
   const double du = -g * delta, up = u + du;
   const double su = sl * u, sup = sl * up, sdu = sl * du;
   const bool pos = u > 0, pos_up = up > 0;
   const double mixed = (pos_up ? up : sup) - (pos ? u : su);
-  const double r = pos == pos_up ? (pos ? du : sdu) : mixed;
-  return delta == 0.0 ? 0.0 : r;
+  return pos == pos_up ? (pos ? du : sdu) : mixed;
 }
 
 struct SampleStats {
   std::vector<int64_t> top;    // base prediction (first maximum, as torch.argmax)
-  std::vector<double> margin;  // top-1 minus top-2 logit (+inf for one class)
+  std::vector<double> margin;  // top-1 minus top-2 logit (+inf for one class), less the slack
   std::vector<double> q;       // sum of p over the classes other than top
+  std::vector<int64_t> near;   // (N, kNear): the next classes by logit (-1: none)
+  std::vector<double> gap;     // (N, kNear + 1): l_top - l_c of those, then of the next class, less the slack
 };
 
 SampleStats sample_stats(const double* l, const double* p, int64_t N, int64_t C) {
-  SampleStats s{std::vector<int64_t>(N), std::vector<double>(N), std::vector<double>(N)};
+  const double inf = std::numeric_limits<double>::infinity();
+  SampleStats s{std::vector<int64_t>(N), std::vector<double>(N), std::vector<double>(N),
+                std::vector<int64_t>(N * kNear, -1), std::vector<double>(N * (kNear + 1), inf)};
   at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const double* ln = l + n * C;
       int64_t top = 0;
       for (int64_t c = 1; c < C; ++c) top = ln[c] > ln[top] ? c : top;
-      double second = -std::numeric_limits<double>::infinity(), q = 0.0;
+      double q = 0.0, lmax = std::fabs(ln[top]);
+      // the kNear + 1 largest logits after the top, by insertion (ties: any order is conservative)
+      int64_t best[kNear + 1];
+      double val[kNear + 1];
+      for (int j = 0; j <= kNear; ++j) best[j] = -1, val[j] = -inf;
       for (int64_t c = 0; c < C; ++c) {
         if (c == top) continue;
-        second = ln[c] > second ? ln[c] : second;
         q += p[n * C + c];
+        lmax = std::fmax(lmax, std::fabs(ln[c]));
+        if (!(ln[c] > val[kNear]) && best[kNear] >= 0) continue;
+        int j = kNear;
+        while (j > 0 && (ln[c] > val[j - 1] || best[j - 1] < 0)) best[j] = best[j - 1], val[j] = val[j - 1], --j;
+        best[j] = c, val[j] = ln[c];
       }
-      s.top[n] = top, s.margin[n] = ln[top] - second, s.q[n] = q;
+      const double slack = kFlipSlack * (lmax + 1.0);
+      for (int j = 0; j <= kNear; ++j) {
+        if (j < kNear) s.near[n * kNear + j] = best[j];
+        s.gap[n * (kNear + 1) + j] = best[j] >= 0 ? ln[top] - val[j] - slack : inf;
+      }
+      s.top[n] = top, s.margin[n] = s.gap[n * (kNear + 1)], s.q[n] = q;
     }
   });
   return s;
@@ -139,7 +164,7 @@ struct FusedArgs {
   const void *a_t, *z_t;  // scalar_t
   const int64_t *rows, *cols, *labels, *slot, *run_begin;
   const void* w;
-  const double *gain, *shift, *slope, *head, *probs, *logits, *moments, *gap, *range;
+  const double *gain, *shift, *slope, *head, *probs, *logits, *moments, *gap, *range, *vmin, *vmax;
   const SampleStats* st;
   int64_t N, C, M, order;
   bool want_flips;
@@ -150,9 +175,10 @@ struct FusedArgs {
 
 // Per-(run, tile) values of one unit, and the per-weight results of the tile's marked pairs.
 struct Tile {
-  double u[kTile], ck[kMaxOrder][kTile], gap[kTile], cap[kTile], qe[kTile], margin[kTile];
+  double u[kTile], ck[kMaxOrder][kTile], gap[kTile], cap[kTile], qe[kTile];
+  double dv[kNear][kTile], gn[kNear][kTile], hi[kTile], lo[kTile], rest[kTile];  // the flip test
   double d[kTile], dce[kTile];
-  int8_t code[kTile];  // bit 0: KL not done by the loop; bit 1: flip candidate
+  int64_t code[kTile];  // bit 0: KL not done by the loop; bit 1: flip candidate (64-bit: one lane width)
 };
 
 // Sums of one weight over one tile's samples [n0, n0 + nt).
@@ -160,6 +186,33 @@ struct Sums {
   double loss = 0.0, kl = 0.0;
   int64_t flips = 0, err = 0, corr = 0, exact = 0, active = 0;
 };
+
+// The flip test's per-sample values for unit i (v = e_i without a head: the margin test).
+WA_INLINE void lay_out_flips(const FusedArgs& a, Tile& t, int64_t i, int64_t n0, int64_t nt) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const int64_t C = a.C;
+  const double* v = a.head ? a.head + i * C : nullptr;
+  for (int64_t n = 0; n < nt; ++n) {
+    const int64_t sample = n0 + n;
+    if (!a.want_flips) {
+      for (int j = 0; j < kNear; ++j) t.dv[j][n] = 0.0, t.gn[j][n] = inf;
+      t.hi[n] = t.lo[n] = 0.0, t.rest[n] = inf;
+      continue;
+    }
+    if (!v) {
+      for (int j = 0; j < kNear; ++j) t.dv[j][n] = 0.0, t.gn[j][n] = inf;
+      t.hi[n] = t.lo[n] = a.range[i], t.rest[n] = a.st->margin[sample];
+      continue;
+    }
+    const double vt = v[a.st->top[sample]];
+    for (int j = 0; j < kNear; ++j) {
+      const int64_t c = a.st->near[sample * kNear + j];
+      t.dv[j][n] = c >= 0 ? v[c] - vt : 0.0;
+      t.gn[j][n] = a.st->gap[sample * (kNear + 1) + j];
+    }
+    t.hi[n] = a.vmax[i] - vt, t.lo[n] = vt - a.vmin[i], t.rest[n] = a.st->gap[sample * (kNear + 1) + kNear];
+  }
+}
 
 // The unit's tile values; slot < 0 (no moments): every pair marked for the exact loop.
 WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, const float* z_row_f, int64_t i,
@@ -170,8 +223,8 @@ WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, 
   for (int64_t n = 0; n < nt; ++n) {
     const double z = z_row_d ? z_row_d[n0 + n] : static_cast<double>(z_row_f[n0 + n]);
     t.u[n] = g * z + s;
-    t.margin[n] = a.want_flips ? a.st->margin[n0 + n] : std::numeric_limits<double>::infinity();
   }
+  lay_out_flips(a, t, i, n0, nt);
   if (slot < 0 || !a.head) {
     for (int k = 0; k < D; ++k) std::fill(t.ck[k], t.ck[k] + nt, 0.0);
     std::fill(t.gap, t.gap + nt, 0.0), std::fill(t.qe, t.qe + nt, 0.0), std::fill(t.cap, t.cap + nt, -1.0);
@@ -197,9 +250,11 @@ WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, 
 }
 
 // One weight over one tile, lanes across samples: the loop sums the certified pairs and marks the rest.
+// Its own clones (not inlined into fused_runs'): inlined there GCC kept only the scalar copy of
+// this loop; one indirect call per 256 pairs costs nothing.
 template <int D, typename scalar_t>
-WA_INLINE void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, double sl, double range,
-                           int64_t nt, double& sum_loss, double& sum_kl, int64_t& n_marked, int64_t& n_active) {
+WA_CLONES void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, double sl, double range,
+                           double vs, int64_t nt, double& sum_loss, double& sum_kl, int64_t& n_marked, int64_t& n_active) {
   double sl_ = 0.0, sk = 0.0;
   int64_t marked = 0, active = 0;
 #pragma omp simd reduction(+ : sl_, sk, marked, active)
@@ -216,13 +271,19 @@ WA_INLINE void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, 
     double xp = x;
 #pragma GCC unroll 8
     for (int k = 0; k < D; ++k) xp *= x;  // x^(D+1)
+    // every load and comparison unconditional (& and |, not && and ||): the loop if-converts
+    const double qe = t.qe[n], cap = t.cap[n], hi = t.hi[n], lo = t.lo[n], rest = t.rest[n];
     const bool nz = d != 0.0;
-    const bool ok = x <= 0.5 && std::fabs(s) <= kLogSeriesMax && xp * t.qe[n] <= d2 * t.cap[n];
-    const bool cand = ad * range >= t.margin[n];
-    const bool take = nz && ok;
+    const bool ok = (x <= 0.5) & (std::fabs(s) <= kLogSeriesMax) & (xp * qe <= d2 * cap);
+    const double slack = ad * vs;  // the rounding of d v_c, d v_top
+    const double side = d > 0 ? d * hi : -d * lo;
+    bool cand = side + slack >= rest;
+#pragma GCC unroll 8
+    for (int j = 0; j < kNear; ++j) cand = cand | (std::fma(d, t.dv[j][n], slack) >= t.gn[j][n]);
+    const bool take = nz & ok;
     sl_ += take ? dce : 0.0;
     sk += take ? kl : 0.0;
-    const int8_t code = static_cast<int8_t>((nz && !ok) | ((nz && cand) << 1));
+    const int64_t code = static_cast<int64_t>(nz & !ok) | (static_cast<int64_t>(nz & cand) << 1);
     t.code[n] = code;
     t.d[n] = d;
     t.dce[n] = take ? dce : 0.0;
@@ -297,10 +358,11 @@ WA_INLINE void fused_runs_impl(const FusedArgs& a, int64_t rb, int64_t re) {
       else lay_out_tile(a, t, nullptr, z_row, i, n0, nt, D);
       if (!a.head) std::fill(t.cap, t.cap + nt, -1.0);  // logits layer: every active pair is marked
       const double g = a.gain[i], sl = a.slope[i], range = a.range[i];
+      const double vs = kFlipSlack * 2.0 * std::fmax(std::fabs(a.vmin[i]), std::fabs(a.vmax[i]));
       for (int64_t k = kb; k < ke; ++k) {
         Sums s;
         int64_t marked = 0;
-        weight_tile<D>(t, a_t + a.cols[k] * N + n0, static_cast<double>(w[k]), g, sl, range, nt, s.loss, s.kl,
+        weight_tile<D>(t, a_t + a.cols[k] * N + n0, static_cast<double>(w[k]), g, sl, range, vs, nt, s.loss, s.kl,
                        marked, s.active);
         if (marked) resolve_marked(a, t, D, i, k, n0, nt, s);
         if (a.cls) {
@@ -332,19 +394,24 @@ WA_INLINE void fused_runs_order(const FusedArgs& a, int64_t rb, int64_t re) {
 WA_CLONES void fused_runs(const FusedArgs& a, int64_t rb, int64_t re, float) { fused_runs_order<float>(a, rb, re); }
 WA_CLONES void fused_runs(const FusedArgs& a, int64_t rb, int64_t re, double) { fused_runs_order<double>(a, rb, re); }
 
-// Per unit: range = max(v) - min(v) (bounds |v_c - v_top|); 1 for a logits layer (v = e_i).
-std::vector<double> unit_ranges(const double* head, int64_t U, int64_t C) {
-  std::vector<double> range(U, C > 1 ? 1.0 : 0.0);
-  if (!head) return range;
-  at::parallel_for(0, U, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
+// Per unit: min and max of v, range = max - min (bounds |v_c - v_top|); v = e_i for a logits layer.
+struct UnitBounds {
+  std::vector<double> vmin, vmax, range;
+};
+
+UnitBounds unit_bounds(const double* head, int64_t U, int64_t C) {
+  UnitBounds b{std::vector<double>(U, 0.0), std::vector<double>(U, 1.0), std::vector<double>(U, C > 1 ? 1.0 : 0.0)};
+  if (!head) return b;
+  at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
       const double* v = head + i * C;
       double lo = std::numeric_limits<double>::infinity(), hi = -lo;
       for (int64_t c = 0; c < C; ++c) lo = v[c] < lo ? v[c] : lo, hi = v[c] > hi ? v[c] : hi;
-      range[i] = C > 1 ? (lo > hi ? std::numeric_limits<double>::quiet_NaN() : hi - lo) : 0.0;
+      if (lo > hi) lo = hi = std::numeric_limits<double>::quiet_NaN();  // NaN everywhere: marked, exact loop
+      b.vmin[i] = lo, b.vmax[i] = hi, b.range[i] = C > 1 ? hi - lo : 0.0;
     }
   });
-  return range;
+  return b;
 }
 
 FusedOutputs fused_scores_cpu(const at::Tensor& a_t, const at::Tensor& z_t, const at::Tensor& rows,
@@ -372,7 +439,7 @@ FusedOutputs fused_scores_cpu(const at::Tensor& a_t, const at::Tensor& z_t, cons
   auto a_c = a_t.contiguous(), z_c = z_t.contiguous(), w_c = w.contiguous(), p_c = probs.contiguous(),
        l_c = logits.contiguous(), g_c = gain.contiguous(), s_c = shift.contiguous(), sl_c = slope.contiguous();
   const SampleStats st = sample_stats(l_c.data_ptr<double>(), p_c.data_ptr<double>(), sz.N, sz.C);
-  const std::vector<double> range = unit_ranges(sz.has_head ? head_c.data_ptr<double>() : nullptr, sz.I, sz.C);
+  const UnitBounds ub = unit_bounds(sz.has_head ? head_c.data_ptr<double>() : nullptr, sz.I, sz.C);
   const int64_t* rp = rows_c.data_ptr<int64_t>();
   std::vector<int64_t> run_begin{0};  // runs of consecutive weights of one unit
   for (int64_t k = 1; k < sz.K; ++k)
@@ -385,7 +452,7 @@ FusedOutputs fused_scores_cpu(const at::Tensor& a_t, const at::Tensor& z_t, cons
                  g_c.data_ptr<double>(), s_c.data_ptr<double>(), sl_c.data_ptr<double>(),
                  sz.has_head ? head_c.data_ptr<double>() : nullptr, p_c.data_ptr<double>(), l_c.data_ptr<double>(),
                  sz.has_moments ? mom_c.data_ptr<double>() : nullptr,
-                 sz.has_moments ? gap_c.data_ptr<double>() : nullptr, range.data(), &st, sz.N, sz.C, sz.M,
+                 sz.has_moments ? gap_c.data_ptr<double>() : nullptr, ub.range.data(), ub.vmin.data(), ub.vmax.data(), &st, sz.N, sz.C, sz.M,
                  sz.has_moments ? sz.order : 2, want_flips, dloss.data_ptr<double>(), dkl.data_ptr<double>(),
                  by_class ? class_loss.data_ptr<double>() : nullptr, flips.data_ptr<int64_t>(),
                  new_err.data_ptr<int64_t>(), new_corr.data_ptr<int64_t>(), exact.data_ptr<int64_t>(),
