@@ -551,7 +551,8 @@ def test_data_failure_midway_leaves_model_unchanged(backend, exc):
     snap = snapshot(model)
     X, y = data_net()
     loader = FailingBatches(X, y, 4, fail_at=2, exc=exc)
-    with pytest.raises(exc, match="simulated"):
+    # a Ctrl-C comes back as weightablate.sweep.Interrupted (a KeyboardInterrupt) saying where the sweep stopped
+    with pytest.raises(exc, match="simulated" if exc is RuntimeError or backend == "naive" else "interrupted after batch 2"):
         wa.ablate(model, "fc", loader, 10, backend=backend)
     assert loader.served == 2
     assert_unchanged(model, snap)

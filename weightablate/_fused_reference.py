@@ -46,6 +46,12 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
             pi = p.gather(1, i[:, None])[:, 0]
             qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
             kl = torch.log1p(pi * _reference.phi(dd * qi) + qi * _reference.phi(-dd * pi))
+            a = dd.abs()  # numerics.h's unit_needs_logits, as in _reference.score_deltas
+            huge = (a > _reference.LOG_SPACE_MIN) & ((a > _reference.EXP_MAX) | (torch.minimum(pi, qi) < _reference.TINY_P))
+            if huge.any():
+                hot = torch.nn.functional.one_hot(i[huge], probs.shape[1]).bool()
+                x = dd[huge, None] * torch.where(hot, qi[huge, None], -pi[huge, None])
+                kl[huge] = _reference.log_mean_exp(logits[n[huge]], x)
             dce = kl + dd * torch.where(i == y, -qi, pi)
         else:
             kl, dce = torch.zeros_like(dd), torch.zeros_like(dd)
@@ -60,7 +66,7 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
                 kl, dce, todo = torch.where(ok, kl_m, kl), torch.where(ok, kl_m + dd * gap, dce), ~ok
             if todo.any():
                 v = head[i[todo]]
-                kl_e, mean = _reference._exact_kl(p[todo], v, dd[todo])
+                kl_e, mean = _reference._exact_kl(p[todo], v, dd[todo], logits, n[todo])
                 kl[todo] = kl_e
                 dce[todo] = kl_e + dd[todo] * (mean - v.gather(1, y[todo][:, None])[:, 0])
                 exact.index_add_(0, k[todo], torch.ones_like(k[todo]))

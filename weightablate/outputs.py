@@ -27,7 +27,8 @@ def check_writable_dir(path: Path, option: str) -> Path:
     (e.g. "--out") when it is a file, lies under a file, or cannot be written (read-only, no permission)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{option} {str(path)!r} is an existing file, not a directory: give a directory")
+        hint = "; a model's state dict goes to --checkpoint" if option == "--checkpoint-dir" else ""
+        raise OutputError(f"{option} {str(path)!r} is a file, not a directory: give a directory{hint}")
     above = _file_above(path)
     if above is not None:
         raise OutputError(f"{option} {str(path)!r} cannot be created: {str(above)!r} is a file, not a directory")

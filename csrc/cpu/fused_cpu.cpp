@@ -129,7 +129,7 @@ WA_INLINE Pair from_sums(double t, double r, double d, double gap) {
   return {lse + d * gap, kl};
 }
 
-Pair exact_pair(const double* p, const double* v, int64_t C, int64_t y, double d, double range) {
+Pair exact_pair(const double* p, const double* l, const double* v, int64_t C, int64_t y, double d, double range) {
   double m1 = 0.0;
   for (int64_t c = 0; c < C; ++c) m1 += p[c] * v[c];
   const double gap = m1 - v[y];
@@ -142,11 +142,8 @@ Pair exact_pair(const double* p, const double* v, int64_t C, int64_t y, double d
     }
     return from_sums(t, r, d, gap);
   }
-  double mx = -std::numeric_limits<double>::infinity();  // huge d: log-sum-exp
-  for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::log(p[c]) + d * (v[c] - m1));
-  double s = 0.0;
-  for (int64_t c = 0; c < C; ++c) s += std::exp(std::log(p[c]) + d * (v[c] - m1) - mx);
-  const double lse = mx + std::log(s);
+  // huge d: from the logits (numerics.h log_mean_exp), where a class whose p underflowed still counts
+  const double lse = log_mean_exp(l, v, C, d, m1, -1, 0.0);
   return {lse + d * gap, lse};
 }
 
@@ -317,12 +314,13 @@ WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, int
         r.kl = s2 + log1p_minus(sm);
         r.dce = std::fma(d, t.gap[n], r.kl);
       } else if (v) {
-        r = exact_pair(a.probs + sample * C, v, C, y, d, range);
+        r = exact_pair(a.probs + sample * C, a.logits + sample * C, v, C, y, d, range);
         ++s.exact;
       } else {  // logits layer (v = e_i): score_deltas' O(1) form
         const double pi = a.probs[sample * C + i];
         const double qi = (i == a.st->top[sample] && pi > 0.5) ? a.st->q[sample] : 1.0 - pi;
-        r.kl = std::log1p(pi * phi(d * qi) + qi * phi(-d * pi));
+        r.kl = unit_needs_logits(d, pi, qi) ? log_mean_exp(a.logits + sample * C, nullptr, C, d, pi, i, qi)
+                                             : std::log1p(pi * phi(d * qi) + qi * phi(-d * pi));
         r.dce = r.kl + d * (i == y ? -qi : pi);
       }
       s.loss += r.dce, s.kl += r.kl;
