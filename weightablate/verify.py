@@ -112,7 +112,9 @@ def self_check(run, name: str, target, param: str, flat: torch.Tensor, x, y, sco
             warnings.warn(f"ablate: on layer {name!r} the float32 activations' rounding exceeds the stated float32 "
                           f"bound on entry {int(weights[k])} ({key} {have:.6g}, the float64 loop {want:.6g}: "
                           f"{ratio:.3g}x the bound); the method itself agrees with the float64 loop when run in "
-                          "float64. Effects this small need precision='float64'", UserWarning, stacklevel=3)
+                          "float64, so the model's own float32 forward is what rounds (a tiny effect next to large "
+                          "activations, a large common logit offset): pass precision='float64' for exact numbers",
+                          UserWarning, stacklevel=3)
             worst = worst64
             bad = None
         else:
