@@ -223,3 +223,83 @@ def test_bad_inputs():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     run(m, "2", X, y, "in", weights=2)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+class TwoReaders(nn.Module):
+    """The channel is read twice: AdaptiveAvgPool2d(2) -> Flatten -> Linear (4 features per channel)
+    and a spatial mean -> Linear; the logits are their sum (no final Linear: replay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(2), nn.Linear(24, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc1(torch.flatten(self.pool(h), 1)) + self.fc2(h.mean((2, 3)))
+
+
+def test_flatten_of_2x2_and_two_readers():
+    m = TwoReaders().eval()
+    X, y = data((3, 6, 6))
+    res = run(m, "conv", X, y, "out", by_class=True)
+    assert res.method == "replay"
+    check(res, removal(m, X, y, range(6), lambda mm, k: zero_out(mm.conv, k)))
+    assert torch.allclose(res.class_loss.sum(1), res.delta_loss, rtol=1e-12, atol=1e-14)
+    # the consumers see zero: the same as zeroing fc1's 4 columns and fc2's column of channel k
+    def cut(mm, k):
+        mm.fc1.weight.data[:, 4 * k:4 * k + 4] = 0
+        mm.fc2.weight.data[:, k] = 0
+    check(res, removal(m, X, y, range(6), cut))
+
+
+@pytest.mark.slow
+def test_resnet18_layer4_and_layer1():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    X, y = data((3, 32, 32), n=6, classes=10)
+    units = torch.tensor([0, 17, 300, 511])
+    res = run(net, "layer4.1.conv2", X, y, "out", weights=units)
+    assert res.method == "funnel", res.head
+    check(res, removal(net, X, y, units.tolist(),
+                       lambda mm, k: zero_out(mm.layer4[1].conv2, k, mm.layer4[1].bn2)))
+    units = torch.tensor([1, 40])
+    res = run(net, "layer1.0.conv1", X, y, "out", weights=units)
+    assert res.method == "replay"
+    check(res, removal(net, X, y, units.tolist(), lambda mm, k: zero_out(mm.layer1[0].conv1, k, mm.layer1[0].bn1)))
+    res = run(net, "layer3.0.conv1", X, y, "in", weights=torch.tensor([5, 100]))
+    check(res, removal(net, X, y, [5, 100], lambda mm, j: zero_in(mm.layer3[0].conv1, j)))
+
+
+def test_self_check_catches_a_wrong_change(monkeypatch):
+    from weightablate import structured
+    from weightablate.propagate import Delta
+
+    right = structured.Structured.out_delta
+    monkeypatch.setattr(structured.Structured, "out_delta",
+                        lambda self, units: (lambda d: Delta(0.5 * d.t, d.idx, d.size))(right(self, units)))
+    m = Residual().eval()
+    X, y = data((3, 6, 6))
+    with pytest.raises(wa.VerificationError, match="structure='out'.*unit"):
+        wa.ablate(m, "conv", (X, y), structure="out")
+
+
+def test_cli_run_structure_out(tmp_path, capsys):
+    from weightablate.cli import main
+
+    out = tmp_path / "o"
+    assert main(["run", "--structure", "out", "--weights", "6", "--no-report", "--quiet", "--out", str(out)]) == 0
+    res = wa.load(out / "results.npz")
+    assert res.structure == "out" and len(res) == 6 and res.layer_shape == (256, 1)
+    assert "6 output units ablated" in capsys.readouterr().out
+    train = wa.load(out / "results_train.npz")
+    assert torch.equal(train.indices, res.indices)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--structure", "in", "--param", "bias", "--quiet", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "--structure in removes whole units" in capsys.readouterr().err

@@ -75,6 +75,8 @@ class AblationResult:
     def coords(self) -> dict:
         """The position of each weight in ``weight_shape``: ``{"out", "in", "kh", "kw"}`` (int64 numpy
         arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias."""
+        if self.structure != "weight":  # whole units: the index is the unit
+            return {self.structure: self.indices.numpy().astype(np.int64)}
         shape = tuple(self.weight_shape) or tuple(self.layer_shape)
         if self.param == "bias":
             shape = shape[:1]

@@ -38,6 +38,7 @@ from .replay import BYTES_PER_ENTRY, score_logit_deltas
 STRUCTURES = ("weight", "out", "in")
 SCRATCH_PER_PAIR = 32  # bytes per (unit, sample) of the stage-2 kernels
 PLAN_SAMPLES = 2
+CHECK_UNITS, CHECK_SAMPLES = 3, 4  # the self-check's units and samples
 
 _CHANNEL_MODULES = (*IDENTITY, nn.ReLU, nn.LeakyReLU, nn.modules.batchnorm._BatchNorm, *ELEMENTWISE,
                     *POOL_MODULES, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
@@ -188,7 +189,8 @@ class Structured:
                 self.description = where + f"; replayed from there to the logits (not the funnel: {why})"
         self.moment_slot = None
         if self.head_rows is not None:
-            self.moment_slot = _moment_slots(self.units, *self.head_rows.shape, backend, mode, device)
+            # every unit is scored on every sample: the D moment GEMMs pay off from one entry per unit
+            self.moment_slot = _moment_slots(self.units, *self.head_rows.shape, backend, mode, device, min_weights=1)
         self.moments = None
 
     # --- the sweep's method interface ----------------------------------------------------------
@@ -306,8 +308,9 @@ def naive_structured(model, name, target, structure, units, x, y, end_node_name=
 
 
 def self_check(run, name, target, structure, units, x, y, score, seed) -> str:
-    """Score up to 3 units on the first 8 samples with ``score(units, x, y)`` and with the float64
-    full-forward reference; raise VerificationError beyond the bound (the single-weight check's)."""
+    """Score up to CHECK_UNITS units on the first CHECK_SAMPLES samples with ``score(units, x, y)`` and
+    with the float64 full-forward reference; raise VerificationError beyond the bound (the
+    single-weight check's). Few samples: a float64 forward of a CNN costs several float32 ones."""
     import time
 
     from .model_copy import copy_model
@@ -315,8 +318,8 @@ def self_check(run, name, target, structure, units, x, y, score, seed) -> str:
 
     started = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    pick = units.cpu()[torch.randperm(units.numel(), generator=g)[:3]]
-    x, y = x[:8], y[:8]
+    pick = units.cpu()[torch.randperm(units.numel(), generator=g)[:CHECK_UNITS]]
+    x, y = x[:CHECK_SAMPLES], y[:CHECK_SAMPLES]
     got = score(pick, x, y)
     run64 = run if target.weight.dtype == torch.float64 else copy_model(run, torch.float64)
     target64 = run64.get_submodule(name)
