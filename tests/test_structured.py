@@ -303,3 +303,11 @@ def test_cli_run_structure_out(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--structure", "in", "--param", "bias", "--quiet", "--out", str(tmp_path / "b")])
     assert exc.value.code == 2 and "--structure in removes whole units" in capsys.readouterr().err
+
+
+def test_batch_statistics_in_the_chain_is_refused():
+    m = cnn()
+    m.bn1.track_running_stats, m.bn1.running_mean, m.bn1.running_var = False, None, None
+    X, y = data((3, 8, 8))
+    with pytest.raises(ValueError, match="bn1.*batch statistics"):
+        run(m, "conv1", X, y, "out")

@@ -280,17 +280,18 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 first = next(stream)
                 stream = itertools.chain([first], stream)
 
-                def make(units, x, flips=True, by=False):
-                    return structured.Structured(run, name, run_target, structure, units, x, resolved, mode, flips,
-                                                 by)
-
-                scorer = make(local, first[0], "flips" in metrics, by_class)
+                scorer = structured.Structured(run, name, run_target, structure, local, resolved, mode,
+                                               "flips" in metrics, by_class)
                 if verify and local.numel():
+                    probe = {}
+
                     def score(units, x, y):
-                        return sweep(make(units, x), [(x, y)], units.numel(), by_class=False,
-                                     max_memory=max_memory, progress=False)[0]
+                        probe["m"] = structured.Structured(run, name, run_target, structure, units, resolved, mode,
+                                                           True, False, graph=scorer.graph)
+                        return sweep(probe["m"], [(x, y)], units.numel(), by_class=False, max_memory=max_memory,
+                                     progress=False)[0]
                     checked = structured.self_check(run, name, run_target, structure, local, first[0], first[1],
-                                                    score, seed)
+                                                    score, seed, lambda: probe["m"].end.name)
                 total = count_batches(data, batch_size)
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                             max_memory=max_memory, progress=progress,

@@ -32,12 +32,12 @@ from .closed_form import _moment_slots, _moments
 from .funnel import funnel_plan
 from .graph import capture_values, trace
 from .plan import ELEMENTWISE, ELEMENTWISE_FUNCS, IDENTITY, IDENTITY_METHODS, RELU_FUNCS, logit_directions
-from .propagate import ELEMENTWISE_METHODS, POOL_FUNCS, POOL_MODULES, Delta, Propagator, _pad, max_numel
+from .propagate import (ELEMENTWISE_METHODS, POOL_FUNCS, POOL_MODULES, Delta, Propagator, _pad, bn_gain,
+                        max_numel)
 from .replay import BYTES_PER_ENTRY, score_logit_deltas
 
 STRUCTURES = ("weight", "out", "in")
 SCRATCH_PER_PAIR = 32  # bytes per (unit, sample) of the stage-2 kernels
-PLAN_SAMPLES = 2
 CHECK_UNITS, CHECK_SAMPLES = 3, 4  # the self-check's units and samples
 
 _CHANNEL_MODULES = (*IDENTITY, nn.ReLU, nn.LeakyReLU, nn.modules.batchnorm._BatchNorm, *ELEMENTWISE,
@@ -107,6 +107,8 @@ def channel_chain(graph, values: dict) -> list:
 def _maps_channels(n: fx.Node, mods: dict, before: torch.Tensor) -> bool:
     """Whether node ``n`` maps each channel of its input on its own (the shape was checked)."""
     if n.op == "call_module":
+        if isinstance(mods[n.target], nn.modules.batchnorm._BatchNorm):
+            bn_gain(mods[n.target], n.target)  # batch statistics: samples not independent, a ValueError
         return isinstance(mods[n.target], _CHANNEL_MODULES) and not (n.args[1:] or n.kwargs) and (
             not isinstance(mods[n.target], nn.Flatten) or before[0].numel() == before.shape[1])
     f = n.target
@@ -142,20 +144,25 @@ def _run_from(prop: Propagator, start, d: Delta, stop=None):
 class Structured:
     """A sweep method (prepare / chunk_size / score) for whole units of the target."""
 
-    def __init__(self, model, name, target, structure, units, first_x, backend, mode, want_flips, by_class):
+    def __init__(self, model, name, target, structure, units, backend, mode, want_flips, by_class, graph=None):
+        """``graph``: the traced model (weightablate.graph.trace), traced here when None. The method is
+        planned on the first batch's values (``kind``, ``description`` are set by the first prepare)."""
         self.name, self.target, self.structure = name, target, structure
         self.backend, self.mode, self.want_flips, self.by_class = backend, mode, want_flips, by_class
-        self.graph = graph = trace(model, name, target, "weight")
-        values = capture_values(graph, first_x[:PLAN_SAMPLES])
+        self.graph = graph if graph is not None else trace(model, name, target, "weight")
+        self.units = units.to(target.weight.device)
+        self.prop = Propagator(self.graph, "weight", torch.promote_types(target.weight.dtype, torch.float32))
+        self.values, self.per_sample, self.kind = None, 1, None
+
+    def _plan(self, values: dict) -> None:
+        graph, name, target, structure = self.graph, self.name, self.target, self.structure
         device = target.weight.device
-        self.units = units.to(device)
-        self.prop = Propagator(graph, "weight", torch.promote_types(target.weight.dtype, torch.float32))
-        self.values, self.per_sample = None, 1
         mods = dict(graph.module.named_modules())
         x = values[graph.target.args[0]] if graph.target.args else None
         if isinstance(target, nn.Linear) and (not isinstance(x, torch.Tensor) or x.dim() != 2):
             raise ValueError(f"layer {name!r}: structure={structure!r} needs (N, features) inputs to a Linear target")
         self.head_rows, self.final, self.scalar = None, None, False
+        self.moment_slot = self.moments = None
         if structure == "in":
             self.end, self.kind = graph.target, "replay"
             self.description = (f"{unit_word(target, 'in')} of {name!r} zeroed in this layer only: the change of "
@@ -190,13 +197,16 @@ class Structured:
         self.moment_slot = None
         if self.head_rows is not None:
             # every unit is scored on every sample: the D moment GEMMs pay off from one entry per unit
-            self.moment_slot = _moment_slots(self.units, *self.head_rows.shape, backend, mode, device, min_weights=1)
+            self.moment_slot = _moment_slots(self.units, *self.head_rows.shape, self.backend, self.mode, device,
+                                             min_weights=1)
         self.moments = None
 
     # --- the sweep's method interface ----------------------------------------------------------
     def prepare(self, x, y) -> torch.Tensor:
         values = capture_values(self.graph, x)
         logits = check_logits(values[self.graph.logits])
+        if self.kind is None:
+            self._plan(values)
         self.prop.set_batch(values)
         self.values = values
         self.per_sample = max(self.per_sample, max_numel(values, self.graph.dependent))
@@ -282,23 +292,42 @@ class _Removed(fx.Interpreter):
         return out
 
 
-def naive_structured(model, name, target, structure, units, x, y, end_node_name=None) -> dict:
-    """Per unit: delta_loss, delta_kl (float64) and flips by one full forward of the traced model
-    with the unit removed, the losses subtracted per sample (the self-check's reference)."""
+class _Keep(fx.Interpreter):
+    """A forward that keeps a copy of every node's value."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.kept[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def naive_structured(model, name, target, structure, units, x, y, end_name=None) -> dict:
+    """Per unit: delta_loss, delta_kl (float64) and flips from a forward of the traced model with the
+    unit removed, the losses subtracted per sample (the self-check's reference). The nodes that do
+    not depend on the layer keep their values from the base forward (the same numbers); every node
+    after it is evaluated again. ``end_name``: the node where the channel meets its consumers
+    ("out"; found from the chain when None)."""
     graph = trace(model, name, target, "weight")
     end = graph.target
     if structure == "out":
-        values = capture_values(graph, x[:PLAN_SAMPLES])
-        end = channel_chain(graph, values)[-1]
+        found = [n for n in graph.nodes if n.name == end_name]
+        end = found[0] if found else channel_chain(graph, capture_values(graph, x[:2]))[-1]
+    dependent = set(graph.dependent)
     with torch.no_grad():
-        base = graph.module(x)
+        keep = _Keep(graph.module)
+        keep.kept = {}
+        base = keep.run(x)
+        prefix = {n: v for n, v in keep.kept.items() if n not in dependent and n.op != "output"}
+        read = {a for n in graph.nodes if n in dependent or n.op == "output" for a in n.all_input_nodes}
         ce0 = F.cross_entropy(base, y, reduction="none")
         logp0 = F.log_softmax(base, 1)
         interp = _Removed(graph, target, structure, end)
         out = {"delta_loss": [], "delta_kl": [], "abs_sum": [], "flips": []}
         for k in units.tolist():
             interp.k = k
-            logits = interp.run(x)
+            # a fresh copy of what the later nodes read (an in-place op there must not touch the base)
+            env = {n: v.clone() if n in read and isinstance(v, torch.Tensor) else v for n, v in prefix.items()}
+            logits = interp.run(x, initial_env=env)
             ce = F.cross_entropy(logits, y, reduction="none")
             out["delta_loss"].append((ce - ce0).sum().item())
             out["abs_sum"].append((ce - ce0).abs().sum().item())
@@ -307,10 +336,11 @@ def naive_structured(model, name, target, structure, units, x, y, end_node_name=
     return {k: torch.tensor(v, dtype=torch.float64 if k != "flips" else torch.int64) for k, v in out.items()}
 
 
-def self_check(run, name, target, structure, units, x, y, score, seed) -> str:
+def self_check(run, name, target, structure, units, x, y, score, seed, end_name=None) -> str:
     """Score up to CHECK_UNITS units on the first CHECK_SAMPLES samples with ``score(units, x, y)`` and
     with the float64 full-forward reference; raise VerificationError beyond the bound (the
-    single-weight check's). Few samples: a float64 forward of a CNN costs several float32 ones."""
+    single-weight check's). Few samples: a float64 forward of a CNN costs several float32 ones.
+    ``end_name``: the node name where the scored channel meets its consumers, or a function giving it."""
     import time
 
     from .model_copy import copy_model
@@ -324,7 +354,8 @@ def self_check(run, name, target, structure, units, x, y, score, seed) -> str:
     run64 = run if target.weight.dtype == torch.float64 else copy_model(run, torch.float64)
     target64 = run64.get_submodule(name)
     x64 = x.double() if x.is_floating_point() else x
-    ref = naive_structured(run64, name, target64, structure, pick, x64, y.to(x.device))
+    end_name = end_name() if callable(end_name) else end_name  # known once ``score`` has planned
+    ref = naive_structured(run64, name, target64, structure, pick, x64, y.to(x.device), end_name)
     rtol, atol = BOUNDS[torch.float64 if target.weight.dtype == torch.float64 else torch.float32]
     for key in ("delta_loss", "delta_kl"):
         have, want = got[key].cpu().double(), ref[key]
