@@ -311,3 +311,22 @@ def test_batch_statistics_in_the_chain_is_refused():
     X, y = data((3, 8, 8))
     with pytest.raises(ValueError, match="bn1.*batch statistics"):
         run(m, "conv1", X, y, "out")
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_small_depthwise_into_squeeze_excitation():
+    """features.1.block.0 is a depthwise conv -> BN -> ReLU whose output feeds the squeeze-excitation
+    block twice (its pooling and the product): the chain ends at the ReLU, replayed from there."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    X, y = data((3, 32, 32), n=4, classes=10)
+    block = net.features[1].block[0]
+    units = [3, 11]
+    res = run(net, "features.1.block.0.0", X, y, "out", weights=torch.tensor(units))
+    assert res.method == "replay"
+    check(res, removal(net, X, y, units, lambda mm, k: zero_out(mm.features[1].block[0][0], k,
+                                                                 mm.features[1].block[0][1])))
+    assert block[0].groups == block[0].in_channels  # depthwise
+    res = run(net, "features.1.block.0.0", X, y, "in", weights=torch.tensor(units))
+    check(res, removal(net, X, y, units, lambda mm, j: zero_in(mm.features[1].block[0][0], j)))
