@@ -254,7 +254,7 @@ def test_flatten_of_2x2_and_two_readers():
 
 
 @pytest.mark.slow
-def test_resnet18_layer4_and_layer1():
+def test_resnet18_layer4_and_layer3():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()
@@ -269,12 +269,9 @@ def test_resnet18_layer4_and_layer1():
     assert res.method == "funnel", res.head
     check(res, removal(net, X, y, units.tolist(),
                        lambda mm, k: zero_out(mm.layer4[1].conv2, k, mm.layer4[1].bn2)))
-    units = torch.tensor([1, 40])
-    res = run(net, "layer1.0.conv1", X, y, "out", weights=units)
+    res = run(net, "layer3.0.conv1", X, y, "out", weights=torch.tensor([40]))
     assert res.method == "replay"
-    check(res, removal(net, X, y, units.tolist(), lambda mm, k: zero_out(mm.layer1[0].conv1, k, mm.layer1[0].bn1)))
-    res = run(net, "layer3.0.conv1", X, y, "in", weights=torch.tensor([5, 100]))
-    check(res, removal(net, X, y, [5, 100], lambda mm, j: zero_in(mm.layer3[0].conv1, j)))
+    check(res, removal(net, X, y, [40], lambda mm, k: zero_out(mm.layer3[0].conv1, k, mm.layer3[0].bn1)))
 
 
 def test_self_check_catches_a_wrong_change(monkeypatch):
@@ -327,6 +324,4 @@ def test_mobilenet_v3_small_depthwise_into_squeeze_excitation():
     assert res.method == "replay"
     check(res, removal(net, X, y, units, lambda mm, k: zero_out(mm.features[1].block[0][0], k,
                                                                  mm.features[1].block[0][1])))
-    assert block[0].groups == block[0].in_channels  # depthwise
-    res = run(net, "features.1.block.0.0", X, y, "in", weights=torch.tensor(units))
-    check(res, removal(net, X, y, units, lambda mm, j: zero_in(mm.features[1].block[0][0], j)))
+    assert block[0].groups == block[0].in_channels  # depthwise ("in" on depthwise: test_in[conv3])
