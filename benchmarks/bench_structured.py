@@ -55,8 +55,9 @@ def report(name, n_units, res, per_unit, naive_dl, units):
     check = float(re.search(r"in ([0-9.]+) s", res.extra["self_check"]).group(1))
     naive_all = per_unit * n_units
     rel = ((res.delta_loss[units] - naive_dl).abs() / naive_dl.abs().clamp(min=1e-12)).max().item()
-    print(f"| {name} | {n_units} | {res.method} | {fast:.2f} s ({check:.2f} s of it the self-check) | {per_unit:.3f} s x {n_units} = {naive_all:.0f} s "
-          f"(extrapolated from {len(units)} units) | **{naive_all / fast:.0f}x** | {rel:.1e} |", flush=True)
+    print(f"| {name} | {n_units} | {res.method} | {fast:.2f} s ({check:.2f} s of it the self-check) | "
+          f"{per_unit:.3f} s x {n_units} = {naive_all:.0f} s (extrapolated from {len(units)} units) | "
+          f"**{naive_all / fast:.0f}x** | {rel:.1e} |", flush=True)
 
 
 def main():
@@ -65,7 +66,8 @@ def main():
     ap.add_argument("--naive-units", type=int, default=3)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| workload | units | method | ablate, all units (incl. self-check) | naive loop | speed-up | max rel. diff (naive units) |")
+    print("| workload | units | method | ablate, all units (incl. self-check) | naive loop | speed-up "
+          "| max rel. diff (naive units) |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
 
     w = alexnet_head_workload(n_samples=1000)

@@ -29,10 +29,12 @@ def removal(model, X, y, units, remove):
             ce = F.cross_entropy(logits, y, reduction="none")
             out["delta_loss"].append((ce - ce0).sum().item())
             out["abs"].append((ce - ce0).abs().sum().item())
-            out["delta_kl"].append((logp0.exp() * (logp0 - F.log_softmax(logits, 1))).sum().item())
+            kl = logp0.exp() * (logp0 - F.log_softmax(logits, 1))
+            out["delta_kl"].append(kl.sum().item())
             out["flips"].append(int((logits.argmax(1) != base.argmax(1)).sum()))
             out["same"].append(torch.equal(logits, base))
-    return {k: torch.tensor(v, dtype={"flips": torch.int64, "same": torch.bool}.get(k, torch.float64)) for k, v in out.items()}
+    dtypes = {"flips": torch.int64, "same": torch.bool}
+    return {k: torch.tensor(v, dtype=dtypes.get(k, torch.float64)) for k, v in out.items()}
 
 
 def check(res, ref):

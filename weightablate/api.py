@@ -337,7 +337,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 out[k] = None
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
-        weight=structured.unit_norms(target, structure, flat) if structure != "weight" else _original_values(tensor, flat),
+        weight=(_original_values(tensor, flat) if structure == "weight"
+                else structured.unit_norms(target, structure, flat)),
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,

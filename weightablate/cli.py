@@ -510,17 +510,16 @@ def _run(args, distributed) -> int:
     if args.structure != "weight" and args.param == "bias":
         raise CLIError(f"--structure {args.structure} removes whole units, their bias included: drop --param bias")
     if args.structure != "weight":
-        from .structured import n_units
+        from .structured import n_units, unit_word
 
-        numel = n_units(target, args.structure)
+        numel, what = n_units(target, args.structure), unit_word(target, args.structure)
     else:
-        numel = getattr(target, args.param).numel()
+        numel, what = getattr(target, args.param).numel(), f"{args.param} entries"
     if args.weights is _DEFAULT:
         k = None if default_model else min(DEFAULT_K, numel)
     else:
         k = args.weights
     if k is not None and k > numel:
-        what = f"{args.param} entries" if args.structure == "weight" else "units"
         raise CLIError(f"--weights {k}: layer {layer!r} has only {numel} {what}")
     if k == numel:
         k = None
@@ -542,8 +541,7 @@ def _run(args, distributed) -> int:
         dtype = target.weight.dtype
         X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
         n_desc = f"digits test split ({X_te.shape[0]} samples)"
-        log(f"ablating {numel if k is None else k} {args.param if args.structure == 'weight' else args.structure + ' unit'}"
-            f" entries of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {what} of {layer} on the {n_desc}...")
         result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, checkpoint_dir=ckpt("test"),
                         **common)
         test_data = (X_te, y_te)
@@ -556,8 +554,7 @@ def _run(args, distributed) -> int:
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         common["batch_size"] = None
         n_desc = f"ImageFolder {args.data} ({len(folder)} images, {folder.description})"
-        log(f"ablating {numel if k is None else k} {args.param if args.structure == 'weight' else args.structure + ' unit'}"
-            f" entries of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {what} of {layer} on the {n_desc}...")
         result = ablate(model, layer, loader, weights=k, by_class=by_class, checkpoint_dir=ckpt(""), **common)
         test_data = loader
     if not main_rank:

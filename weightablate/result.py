@@ -74,7 +74,8 @@ class AblationResult:
 
     def coords(self) -> dict:
         """The position of each weight in ``weight_shape``: ``{"out", "in", "kh", "kw"}`` (int64 numpy
-        arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias."""
+        arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias; for a
+        structured result ``{"out"}`` or ``{"in"}``: the unit."""
         if self.structure != "weight":  # whole units: the index is the unit
             return {self.structure: self.indices.numpy().astype(np.int64)}
         shape = tuple(self.weight_shape) or tuple(self.layer_shape)
