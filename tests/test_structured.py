@@ -327,3 +327,12 @@ def test_mobilenet_v3_small_depthwise_into_squeeze_excitation():
     check(res, removal(net, X, y, units, lambda mm, k: zero_out(mm.features[1].block[0][0], k,
                                                                  mm.features[1].block[0][1])))
     assert block[0].groups == block[0].in_channels  # depthwise ("in" on depthwise: test_in[conv3])
+
+
+def test_torch_backend_agrees():
+    m = mlp(nn.Sigmoid)
+    X, y = data((8,))
+    a = run(m, "2", X, y, "out", backend="torch")
+    b = run(m, "2", X, y, "out")
+    assert a.backend == "torch" and torch.allclose(a.delta_loss, b.delta_loss, rtol=1e-10, atol=1e-14)
+    assert torch.equal(a.flips, b.flips) and torch.equal(a.exact_zero, b.exact_zero)
