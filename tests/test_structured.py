@@ -336,3 +336,14 @@ def test_torch_backend_agrees():
     b = run(m, "2", X, y, "out")
     assert a.backend == "torch" and torch.allclose(a.delta_loss, b.delta_loss, rtol=1e-10, atol=1e-14)
     assert torch.equal(a.flips, b.flips) and torch.equal(a.exact_zero, b.exact_zero)
+
+
+def test_checkpoint_resumes_and_refuses_another_structure(tmp_path):
+    m = mlp()
+    X, y = data((8,))
+    units = torch.tensor([1, 2, 3])
+    first = run(m, "2", X, y, "out", weights=units, checkpoint_dir=tmp_path)
+    again = run(m, "2", X, y, "out", weights=units, checkpoint_dir=tmp_path)  # resumes from the saved end
+    assert torch.equal(first.delta_loss, again.delta_loss)
+    with pytest.raises(ValueError, match="checkpoint"):
+        run(m, "2", X, y, "in", weights=units, checkpoint_dir=tmp_path)
