@@ -17,6 +17,7 @@ from .model_copy import copy_model
 from .naive import naive_ablate
 from .result import AblationResult
 from .selection import select_weights
+from . import structured
 from .sweep import sweep
 from .verify import self_check
 
@@ -102,7 +103,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
            mode: str = "auto", precision: str = "model", device=None, batch_size: int | None = None,
            seed: int = 0, by_class: bool = False, max_memory: int | None = None,
            progress: bool | None = None, param: str = "weight", method: str = "auto", checkpoint_dir=None,
-           checkpoint_every: float = 60.0, verify: bool = True) -> AblationResult:
+           checkpoint_every: float = 60.0, verify: bool = True, structure: str = "weight") -> AblationResult:
     """The exact effect of zeroing each chosen weight (or bias entry) of ``layer``, alone, over all of ``data``.
 
     For each weight ``W[i, j]`` and sample ``n`` the change of unit ``i`` is one scalar
@@ -155,6 +156,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             zero-evaluate-restore loop does the same on a float64 copy of the model; a difference
             beyond the bound below raises weightablate.VerificationError naming the method and
             the weight, and no result is returned. ``res.extra["self_check"]`` says what it found.
+        structure: "weight" (default: each weight alone), "out" (whole output units/channels: row k and
+            bias k, with what follows the channel on its own, removed; every consumer of the channel
+            sees zero from it) or "in" (whole input features/channels: column k of the weight zeroed in
+            this layer only). ``weights`` then indexes units (None, int K, or 1-D unit indices) and the
+            result has one entry per unit (``res.structure``; ``weight`` holds the L2 norm of the
+            removed weights). See weightablate/structured.py and the README.
 
     Half precision: a float16/bfloat16 model is run as a float32 copy (the captured activations
     and the scoring are float32; a UserWarning says so); inputs in the model's dtype are cast.
@@ -201,6 +208,11 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     if not isinstance(target, TARGETS):
         raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
                         "layers can be ablated")
+    if structure not in structured.STRUCTURES:
+        raise ValueError(f"structure must be one of {structured.STRUCTURES}, got {structure!r}")
+    if structure != "weight" and (param != "weight" or isinstance(weights, str)):
+        raise ValueError(f"structure={structure!r} removes whole units (their bias included for 'out'): use "
+                         "param='weight' and weights=None, an int or unit indices")
     if isinstance(weights, str):
         if weights != "bias":
             raise TypeError(f"weights: the only string accepted is 'bias' (every bias entry), got {weights!r}")
@@ -217,9 +229,13 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     max_memory = check_max_memory(max_memory)
     device = _check_model(model, device)
     tensor = getattr(target, param)
-    n_out = tensor.shape[0]
-    n_in = tensor[0].numel() if param == "weight" else 1
-    flat = select_weights(weights, (n_out, n_in), seed)
+    if structure != "weight":
+        n_out, n_in = structured.n_units(target, structure), 1
+        flat = structured.select_units(weights, target, structure, name, seed)
+    else:
+        n_out = tensor.shape[0]
+        n_in = tensor[0].numel() if param == "weight" else 1
+        flat = select_weights(weights, (n_out, n_in), seed)
     resolved = ops.resolve_backend(backend, device)
     rank, world_size = distributed.world()
     parts = distributed.partition(flat, n_in, world_size) if world_size > 1 else None
@@ -229,6 +245,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         if resolved == "naive":
             raise ValueError("checkpoint_dir: the naive backend is the reference loop and does not checkpoint")
         options = dict(backend=resolved, mode=mode, method=method, precision=precision, metrics=sorted(metrics),
+                       **({"structure": structure} if structure != "weight" else {}),
                        by_class=by_class,
                        batch_size=batch_size, max_memory=max_memory, rank=rank, world_size=world_size)
         checkpoint = Checkpoint(checkpoint_dir, {
@@ -258,7 +275,38 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 warnings.warn("ablate: on this GPU PyTorch runs " + " and ".join(tf32) + " in TF32, so the "
                               "captured activations, and the scores, are not exact to float32 rounding; set that "
                               "flag to 'ieee' or pass precision='float64'", UserWarning, stacklevel=2)
-        if resolved == "naive":
+        if structure != "weight":
+            if resolved == "naive":
+                raise ValueError(f"backend='naive' with structure={structure!r}: the structured reference is "
+                                 "weightablate.structured.naive_structured (the self-check runs it)")
+            if method != "auto":
+                raise ValueError(f"method={method!r} with structure={structure!r}: the structured path picks its "
+                                 "method itself (res.method says which ran)")
+            with distributed.fail_together():
+                stream = iter(stream)
+                first = next(stream)
+                stream = itertools.chain([first], stream)
+
+                scorer = structured.Structured(run, name, run_target, structure, local, resolved, mode,
+                                               "flips" in metrics, by_class)
+                if verify and local.numel():
+                    probe = {}
+
+                    def score(units, x, y):
+                        probe["m"] = structured.Structured(run, name, run_target, structure, units, resolved, mode,
+                                                           True, False, graph=scorer.graph)
+                        return sweep(probe["m"], [(x, y)], units.numel(), by_class=False, max_memory=max_memory,
+                                     progress=False)[0]
+                    checked = structured.self_check(run, name, run_target, structure, local, first[0], first[1],
+                                                    score, seed, lambda: probe["m"].end.name)
+                total = count_batches(data, batch_size)
+                out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
+                                                            max_memory=max_memory, progress=progress,
+                                                            total_batches=total, checkpoint=checkpoint)
+            kind, head_desc, counts = scorer.kind, scorer.description, {}
+            if parts is not None:
+                out = distributed.gather(parts, out, flat.numel())
+        elif resolved == "naive":
             out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
             kind, head_desc = "naive", "zero, evaluate, restore"
             counts = {}
@@ -296,12 +344,13 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 out[k] = None
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
-        weight=_original_values(tensor, flat),
+        weight=(_original_values(tensor, flat) if structure == "weight"
+                else structured.unit_norms(target, structure, flat)),
         delta_loss=out["delta_loss"], delta_kl=out["delta_kl"], flips=out["flips"],
         new_errors=out["new_errors"], new_correct=out["new_correct"], exact_zero=out["exact_zero"],
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), weight_shape=tuple(tensor.shape), param=param, method=kind, head=head_desc,
-        backend=resolved, mode=mode,
+        backend=resolved, mode=mode, structure=structure,
         precision=precision, seconds=time.perf_counter() - started,
         extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
                   if tensor.dtype in HALF and precision == "model" else {}),

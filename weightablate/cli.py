@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--param", choices=("weight", "bias"), default="weight",
                      help="weight (default): ablate entries of the layer's weight; bias: its bias entries "
                           "(--weights then counts bias entries)")
+    run.add_argument("--structure", choices=("weight", "out", "in"), default="weight",
+                     help="weight (default): each weight alone; out: whole output units/channels (row/filter, "
+                          "bias and what follows the channel on its own removed: its consumers see zero from "
+                          "it); in: whole input features/channels (the column zeroed in this layer only). "
+                          "--weights then counts units")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     run.add_argument("--method", choices=METHODS, default="auto",
                      help="auto (default): the fastest exact method that fits the layer; closed_form: a Linear "
@@ -529,17 +534,24 @@ def _run(args, distributed) -> int:
     target = layer_arg(model, layer)
     if args.param == "bias" and target.bias is None:
         raise CLIError(f"--param bias: layer {layer!r} has no bias")
-    numel = getattr(target, args.param).numel()
+    if args.structure != "weight" and args.param == "bias":
+        raise CLIError(f"--structure {args.structure} removes whole units, their bias included: drop --param bias")
+    if args.structure != "weight":
+        from .structured import n_units, unit_word
+
+        numel, what = n_units(target, args.structure), unit_word(target, args.structure)
+    else:
+        numel, what = getattr(target, args.param).numel(), f"{args.param} entries"
     if args.weights is _DEFAULT:
         k = None if default_model else min(DEFAULT_K, numel)
     else:
         k = args.weights
     if k is not None and k > numel:
-        raise CLIError(f"--weights {k}: layer {layer!r} has only {numel} {args.param} entries")
+        raise CLIError(f"--weights {k}: layer {layer!r} has only {numel} {what}")
     if k == numel:
         k = None
     common = dict(backend=args.backend, mode=args.mode, precision=args.precision, seed=args.seed,
-                  method=args.method, param=args.param,
+                  method=args.method, param=args.param, structure=args.structure,
                   progress=progress, batch_size=args.batch_size, max_memory=args.max_memory,
                   checkpoint_every=args.checkpoint_every)
     ckpt = (lambda sub: None) if args.checkpoint_dir is None else \
@@ -562,7 +574,7 @@ def _run(args, distributed) -> int:
         dtype = target.weight.dtype
         X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
         n_desc = f"digits test split ({X_te.shape[0]} samples)"
-        log(f"ablating {numel if k is None else k} {args.param} entries of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {what} of {layer} on the {n_desc}...")
         result = ablate(model, layer, (X_te, y_te), weights=k, by_class=by_class, checkpoint_dir=ckpt("test"),
                         **common)
         test_data = (X_te, y_te)
@@ -575,7 +587,7 @@ def _run(args, distributed) -> int:
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
         common["batch_size"] = None
         n_desc = f"ImageFolder {args.data} ({len(folder)} images, {folder.description})"
-        log(f"ablating {numel if k is None else k} {args.param} entries of {layer} on the {n_desc}...")
+        log(f"ablating {numel if k is None else k} {what} of {layer} on the {n_desc}...")
         result = ablate(model, layer, loader, weights=k, by_class=by_class, checkpoint_dir=ckpt(""), **common)
         test_data = loader
     if not main_rank:

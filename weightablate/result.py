@@ -26,7 +26,9 @@ class AblationResult:
     (its rows sum to delta_loss). Metrics not asked for are None.
 
     ``rows``/``cols`` index the 2-D view ``layer_shape`` = (out units, entries per unit); for a
-    Conv2d ``cols`` is a flat index into ``in_channels/groups * kh * kw``. ``coords()`` (and the
+    Conv2d ``cols`` is a flat index into ``in_channels/groups * kh * kw``. With ``structure="out"`` or ``"in"``
+    each entry is a whole unit: ``indices`` = ``rows`` = the unit, ``cols`` = 0, ``layer_shape`` =
+    (units, 1) and ``weight`` the L2 norm of the weights it removes. ``coords()`` (and the
     dataframe's ``out``/``in``/``kh``/``kw`` columns) give the position in ``weight_shape``.
     """
 
@@ -52,6 +54,7 @@ class AblationResult:
     head: str = ""  # what the method saw after the layer
     backend: str = ""
     mode: str = ""
+    structure: str = "weight"  # "weight": one weight each; "out"/"in": whole output/input units (indices = units)
     precision: str = ""
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -71,7 +74,10 @@ class AblationResult:
 
     def coords(self) -> dict:
         """The position of each weight in ``weight_shape``: ``{"out", "in", "kh", "kw"}`` (int64 numpy
-        arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias."""
+        arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias; for a
+        structured result ``{"out"}`` or ``{"in"}``: the unit."""
+        if self.structure != "weight":  # whole units: the index is the unit
+            return {self.structure: self.indices.numpy().astype(np.int64)}
         shape = tuple(self.weight_shape) or tuple(self.layer_shape)
         if self.param == "bias":
             shape = shape[:1]
@@ -160,6 +166,8 @@ def _checked(meta, arrays) -> AblationResult:
                 or (length is not None and len(v) != length):
             raise ValueError(f"{key} must be a list of positive ints, got {v!r}")
         meta[key] = tuple(v)
+    if meta.get("structure", "weight") not in ("weight", "out", "in"):
+        raise ValueError(f"structure must be 'weight', 'out' or 'in', got {meta['structure']!r}")
     if meta.get("param", "weight") not in ("weight", "bias"):
         raise ValueError(f"param must be 'weight' or 'bias', got {meta['param']!r}")
     missing = [name for name in _REQUIRED if name not in arrays]

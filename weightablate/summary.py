@@ -69,6 +69,7 @@ def summarize(result, train_result=None, top: int = 5) -> dict:
     out = {
         "layer": result.layer, "layer_shape": list(result.layer_shape), "n_weights": int(len(result)),
         "weight_shape": list(result.weight_shape), "param": result.param, "position": position_names(result),
+        "structure": getattr(result, "structure", "weight"),
         "n_samples": int(result.n_samples), "method": result.method, "head": result.head,
         "backend": result.backend, "mode": result.mode, "precision": result.precision,
         "seconds": _f(result.seconds), "base_loss": _f(result.base_loss),
@@ -155,7 +156,8 @@ def _g(x, spec=".4g") -> str:
 def format_summary(d: dict) -> str:
     """The dict of ``summarize`` as a short human-readable report."""
     shape = d.get("weight_shape") or d["layer_shape"]
-    what = "bias entries" if d.get("param") == "bias" else "weights"
+    what = {"out": "output units", "in": "input units"}.get(d.get("structure"),
+                                                             "bias entries" if d.get("param") == "bias" else "weights")
     lines = [
         f"layer {d['layer']} ({'x'.join(map(str, shape))}), {d['n_weights']} {what} ablated one at a time, "
         f"{count(d['n_samples'], 'sample')}",
