@@ -126,6 +126,7 @@ def _no_interrupt():
         old(*pending[0])  # Python's default handler raises KeyboardInterrupt here
 
 
+@torch.no_grad()  # replay's generic path calls modules: no autograd graph, no grad_fn on the results
 def sweep(method, stream, K: int, *, by_class: bool, max_memory: int, progress, total_batches=None,
           checkpoint=None):
     """Run ``method`` over every batch of ``stream`` and every chosen weight.
