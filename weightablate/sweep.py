@@ -91,7 +91,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep: where it stopped and whether a checkpoint holds the work done."""
 
     def __init__(self, batches: int, weights: int, n_weights: int, total_batches, checkpoint_path,
-                 saved: bool = True):
+                 saved: bool = True, reason: str = ""):
         self.batches, self.weights, self.n_weights = batches, weights, n_weights
         self.total_batches = total_batches
         self.checkpoint_path = checkpoint_path if saved else None  # None: nothing was saved
@@ -100,7 +100,7 @@ class Interrupted(KeyboardInterrupt):
         else:
             why = "no checkpoint_dir" if checkpoint_path is None else "nothing done yet"
             then = f"nothing was saved ({why})"
-        super().__init__(f"interrupted after {self.position()}; {then}")
+        super().__init__(f"{reason + ': ' if reason else ''}interrupted after {self.position()}; {then}")
 
     def position(self) -> str:
         """'batch 3/10' (and how far into the next one)."""
@@ -205,11 +205,12 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
             if checkpoint is not None and checkpoint.due(False):
                 save()
                 unsaved = False
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or raised by the data: its message is kept
         saved = checkpoint is not None and (totals is not None or state is not None)
         if checkpoint is not None and totals is not None:
             save()
-        raise Interrupted(where[0], where[1], K, total_batches, checkpoint and checkpoint.path, saved) from None
+        raise Interrupted(where[0], where[1], K, total_batches, checkpoint and checkpoint.path, saved,
+                          str(exc)) from None
     if read < hashed:
         raise CheckpointError(f"checkpoint {str(checkpoint.path)!r}: saved after {hashed} batches but the data has "
                               f"only {read}; resume with the same data, or use another checkpoint_dir")
