@@ -8,12 +8,29 @@ import torch
 import torch.nn.functional as F
 
 
+class _Strided:
+    """Entries of a non-contiguous tensor by row-major flat index, in place."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def _at(self, idx):
+        return tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), self.t.shape))
+
+    def __getitem__(self, idx):
+        return self.t[self._at(idx)]
+
+    def __setitem__(self, idx, value):
+        self.t[self._at(idx)] = value
+
+
 def oracle(model, layer: str, X, y, flat_idx, param="weight"):
     """Per weight: summed CE change, sum of |per-sample CE change|, the oracle's own rounding
     bound, summed KL, flips and whether every logit stayed bitwise equal; all in float64."""
     m = copy.deepcopy(model).double().eval()
     X = X.double() if X.is_floating_point() else X
-    w = getattr(m.get_submodule(layer), param).data.view(-1)
+    t = getattr(m.get_submodule(layer), param).data
+    w = t.view(-1) if t.is_contiguous() else _Strided(t)
     with torch.no_grad():
         base = m(X)
         ce0 = F.cross_entropy(base, y, reduction="none")

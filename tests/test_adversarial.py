@@ -404,3 +404,138 @@ def test_self_check_catches_a_broken_method(monkeypatch, module, layer, shape):
         wa.ablate(model, layer, (X, y), 10, progress=False)
     r = wa.ablate(model, layer, (X, y), 10, progress=False, verify=False)  # the broken number, unchecked
     assert r.delta_loss is not None
+
+
+# --- found by an adversarial review of the dataflow dispatch -------------------------------------
+
+class Tricky(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, C)
+        self.lo = nn.Parameter(torch.linspace(-0.5, 0.2, H))
+
+    def forward(self, x):
+        k, h = self.kind, self.fc1(x)
+        if k == "tensor_split":  # a view op no list names: unit 0 tripled in h
+            a, _ = h.tensor_split([1], dim=1)
+            a.mul_(3)
+        if k == "data_clamp":
+            h.data.clamp_(max=0.5)
+        if k == "out_kwarg":
+            torch.mul(h, 3.0, out=h)
+        if k == "tensor_clamp":  # a per-unit learnable floor
+            h = torch.clamp(h, min=self.lo) * 1.5
+        if k == "where":
+            h = torch.where(h > 0, h, 0.1 * h)
+        if k == "mask":
+            h = (h > 0).float() * h
+        if k == "masked_fill":
+            h = torch.relu(h).masked_fill_(h < -0.5, 0.1)
+        if k == "gather_argmax":
+            return self.fc2(torch.relu(h)) + torch.relu(h).gather(1, h.argmax(1, keepdim=True))
+        if k == "mT":
+            return self.fc2(torch.relu(h).mT.mT)
+        return self.fc2(torch.relu(h))
+
+
+@pytest.mark.parametrize("kind", ["out_kwarg", "tensor_clamp", "where", "mask", "masked_fill", "gather_argmax"])
+def test_values_views_and_integers_derived_from_the_target(kind):
+    X, y = data()
+    check_exact(Tricky(kind), "fc1", X, y, k=None)
+
+
+@pytest.mark.parametrize("kind, pattern", [("tensor_split", "another view of the same memory"),
+                                           ("data_clamp", "another view of the same memory"),
+                                           ("mT", r"node 'getattr_1' .* does not keep the batch as its first axis")])
+def test_refused_with_the_construct_named(kind, pattern):
+    X, y = data()
+    with pytest.raises(ValueError, match=pattern):
+        wa.ablate(Tricky(kind), "fc1", (X, y), 4, progress=False)
+
+
+def test_hooks_and_parametrizations_are_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, C))
+    X, y = data()
+
+    def knock_out(mod, inp, out):
+        out = out.clone()
+        out[:, 3] = 0
+        return out
+
+    handle = model[0].register_forward_hook(knock_out)
+    with pytest.raises(ValueError, match=r"module '0' has a forward hook \(knock_out\)"):
+        wa.ablate(model, "0", (X, y), 4, progress=False)
+    handle.remove()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(ValueError, match="computed by a parametrization"):
+        wa.ablate(model, "0", (X, y), 4, progress=False)
+
+
+def test_random_or_batch_mixing_forward_is_refused():
+    class Mixing(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            torch.manual_seed(0)
+            self.kind, self.fc1, self.fc2 = kind, nn.Linear(D, H), nn.Linear(H, C)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            if self.kind == "dropout":
+                return self.fc2(F.dropout(h, 0.5))  # training=True by default: random in eval too
+            return self.fc2(h - h.mean(0, keepdim=True))
+
+    X, y = data()
+    with pytest.raises(ValueError, match="two forwards on the same inputs gave different logits"):
+        wa.ablate(Mixing("dropout"), "fc1", (X, y), 4, progress=False)
+    with pytest.raises(ValueError, match="depend on the other samples of its batch"):
+        wa.ablate(Mixing("center"), "fc1", (X, y), 4, progress=False)
+
+
+def test_functional_use_of_the_target_names_it():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, C)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(F.linear(x, self.fc1.weight, self.fc1.bias)))
+
+    X, y = data()
+    with pytest.raises(ValueError, match=r"layer 'fc1' is not called as a module: forward reads its weight"):
+        wa.ablate(Functional(), "fc1", (X, y), 4, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "naive"])
+def test_non_contiguous_weights(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, C)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    X, y = data(shape=(3, 5, 5))
+    m64 = copy.deepcopy(model).double()
+    r = wa.ablate(m64, "0", (X.double(), y), 10, backend=backend, progress=False)
+    ref = oracle(model, "0", X, y, r.indices)
+    assert torch.allclose(r.delta_loss, ref["delta_loss"], rtol=1e-9, atol=1e-12)
+
+
+def test_results_carry_no_autograd_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.LayerNorm(H), nn.GELU(), nn.Linear(H, C))
+    X, y = data()
+    r = wa.ablate(model, "0", (X, y), 6, progress=False)
+    assert r.method == "replay" and not r.delta_loss.requires_grad
+
+
+def test_float32_rounding_beyond_the_bound_warns_not_fails(monkeypatch):
+    """A float32 run beyond the float32 bound whose method agrees in float64 is rounding: a warning."""
+    import weightablate.verify as verify
+
+    monkeypatch.setitem(verify.BOUNDS, torch.float32, (1e-14, 1e-14))  # no float32 run can meet this
+    model = Block()
+    X, y = data()
+    with pytest.warns(UserWarning, match="float32 activations' rounding exceeds the stated float32 bound"):
+        r = wa.ablate(model, "fc1", (X, y), 10, progress=False)
+    assert "the method in float64 agreed" in r.extra["self_check"]

@@ -391,16 +391,31 @@ def test_batchnorm_without_running_stats_after_target(data):
 def _no_closed_form_models():
     torch.manual_seed(0)
     return [
-        (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3)), "0", r"'1' \(LayerNorm\).*not element-wise"),
-        (FunctionalRelu(), "fc1", r"'fc2'.*functional"),
-        (FunctionalOnLogits(), "fc1", r"'fc2'.*functional"),
-        (Residual(), "fc1", r"'fc2'"),
-        (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.LogSoftmax(1)), "0", r"'3' \(LogSoftmax\)"),
+        (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3)), "0",
+         r"module '1' \(LayerNorm\).*not a known element-wise map"),
+        (FunctionalOnLogits(), "fc1", r"runs after the final Linear 'fc2'"),
+        (Residual(), "fc1", r"add.*not an element-wise map of the previous value alone"),
+        (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.LogSoftmax(1)), "0",
+         r"module '3' \(LogSoftmax\)"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU()), "0", r"layer '0'.*ReLU"),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+def test_functional_relu_takes_the_closed_form(data):
+    """F.relu between the target and the final Linear is the same element-wise map as nn.ReLU."""
+    from oracle import oracle
+
+    torch.manual_seed(0)
+    model = FunctionalRelu()
+    X, y = data
+    idx = torch.arange(model.fc1.weight.numel())
+    r = wa.ablate(model, "fc1", data, weights=idx, precision="float64")
+    assert r.method == "piecewise", r.head
+    ref = oracle(model, "fc1", X, y, idx)
+    assert ((r.delta_loss - ref["delta_loss"]).abs() <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all()
+
+
+@pytest.mark.parametrize("case", range(5))
 def test_no_closed_form_head_replays_and_says_why(case, data):
     """Tails the closed form cannot take run through the funnel or replay; res.head names what broke the
     closed form."""
@@ -418,7 +433,7 @@ def test_no_closed_form_head_replays_and_says_why(case, data):
 
 def test_shared_target_used_twice(data):
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"'fc1'.*more than once"):
+    with pytest.raises(ValueError, match=r"'fc1' runs 2 times per forward pass"):
         wa.ablate(Shared(), "fc1", data)
 
 
@@ -434,7 +449,7 @@ class WithUnused(nn.Module):
 def test_target_not_run_in_forward(data):
     torch.manual_seed(0)
     model = WithUnused()
-    with pytest.raises(ValueError, match=r"'unused'.*did not run"):
+    with pytest.raises(ValueError, match=r"'unused' does not run in the model's forward"):
         wa.ablate(model, "unused", data)
 
 

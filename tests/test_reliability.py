@@ -126,7 +126,8 @@ def test_loader_error_mid_epoch_then_resume(job, tmp_path, monkeypatch):
     real = ClosedForm.prepare
     monkeypatch.setattr(ClosedForm, "prepare", lambda self, x, y: prepared.append(1) or real(self, x, y))
     resumed = ns["run"](tmp_path)
-    assert len(prepared) == 40 - 17  # the completed batches are only re-read, not recomputed
+    # the completed batches are only re-read, not recomputed (+1: the self-check's 8 samples)
+    assert len(prepared) == 40 - 17 + 1
     monkeypatch.undo()
     same(resumed, ns["run"]())
 

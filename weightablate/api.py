@@ -263,9 +263,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 scorer = choose_method(run, name, run_target, param, local, first[0], resolved, mode,
                                        "flips" in metrics, by_class, method)
                 if verify and local.numel():
-                    def score(weights, x, y):
-                        probe = choose_method(run, name, run_target, param, weights, x, resolved, mode, True,
-                                              False, method)
+                    def score(model_, weights, x, y):
+                        probe = choose_method(model_, name, model_.get_submodule(name), param, weights, x, resolved,
+                                              mode, True, False, method)
                         return sweep(probe, [(x, y)], weights.numel(), by_class=False, max_memory=max_memory,
                                      progress=False)[0]
                     checked = self_check(run, name, run_target, param, local, first[0], first[1], score, seed,

@@ -2,11 +2,14 @@
 
 1. The target's parameter is used only by the target's own call: a tied or functionally reused
    weight (``b.weight = a.weight``, ``F.linear(h, self.fc.weight)``) changes two places at once.
-2. In-place ops are followed: a value read after an in-place op that changed it must be read as
+2. No hook or parametrization changes what the target, or a module after it, computes: the
+   methods replay modules without their hooks.
+3. In-place ops are followed: a value read after an in-place op that changed it must be read as
    the op's result. Reads of the value itself are redirected to the op (the graph becomes pure
    dataflow, which is what the methods assume); a read of another alias of it (a view taken
-   before the op), an in-place op on the model's input, parameters or buffers, is refused,
-   naming the line of forward.
+   before the op: known view ops, and any two values that shared memory in one forward on a few
+   samples), an in-place op on the model's input, parameters or buffers, is refused, naming the
+   line of forward.
 """
 from __future__ import annotations
 
@@ -55,8 +58,13 @@ def where(node: fx.Node) -> str:
 
 
 def describe(node: fx.Node) -> str:
+    """'module 'fc2' (Linear) (file:line: `code`)', 'function 'add' (...)', 'method 'mul_' (...)'."""
+    if node.op == "call_module":
+        m = node.graph.owning_module.get_submodule(node.target)
+        return f"module {node.target!r} ({type(m).__name__}){where(node)}"
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {target!r}{where(node)}"
+    kind = {"call_function": "function", "call_method": "method"}.get(node.op, node.op)
+    return f"{kind} {target!r}{where(node)}"
 
 
 def _storage(t) -> int | None:
@@ -112,6 +120,8 @@ def _inplace_flag(fn, args, kwargs) -> bool:
 
 def mutated(n: fx.Node, gm: fx.GraphModule):
     """The node whose value ``n`` changes in place, or None."""
+    if isinstance(n.kwargs.get("out"), fx.Node):
+        return n.kwargs["out"]  # torch.mul(a, b, out=a)
     if not n.args or not isinstance(n.args[0], fx.Node):
         return None
     if n.op == "call_method":
@@ -152,14 +162,24 @@ def setitem(x: torch.Tensor, index, value) -> torch.Tensor:
     return x
 
 
-def functionalize(gm: fx.GraphModule, name: str) -> None:
-    """Make every read after an in-place op read the op's result, or raise naming what cannot be."""
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is operator.setitem:
-            n.target = setitem
-    nodes = list(gm.graph.nodes)
-    order = {n: k for k, n in enumerate(nodes)}
-    # alias groups: union-find over "may share memory with its first argument" (views, in-place ops)
+class _Storages(fx.Interpreter):
+    """One forward that records which storages each node's value lives in (values kept alive, so
+    no storage is freed and reused in between)."""
+
+    def __init__(self, gm):
+        super().__init__(gm, garbage_collect_values=False)
+        self.ptrs = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        values = out if isinstance(out, (tuple, list)) else [out]
+        self.ptrs[n] = {t.untyped_storage().data_ptr() for t in values if isinstance(t, torch.Tensor) and t.numel()}
+        return out
+
+
+def _groups(nodes, gm, ptrs: dict | None):
+    """root(n): alias groups of the nodes, from the known view ops and, when ``ptrs`` is given, from
+    the storages the values really shared in one forward (any op that returned a view)."""
     parent = {n: n for n in nodes}
 
     def root(n):
@@ -168,26 +188,51 @@ def functionalize(gm: fx.GraphModule, name: str) -> None:
             n = parent[n]
         return n
 
-    writes = []
+    owner = {}
     for n in nodes:
-        x = mutated(n, gm)
-        if x is not None:
-            writes.append((n, x))
-        if x is not None or _aliases_first_arg(n, gm):
-            parent[root(n)] = root(n.args[0])
+        if mutated(n, gm) is not None or _aliases_first_arg(n, gm):
+            parent[root(n)] = root(n.args[0] if mutated(n, gm) is None else mutated(n, gm))
+        for ptr in (ptrs or {}).get(n, ()):
+            if ptr in owner:
+                parent[root(n)] = root(owner[ptr])
+            else:
+                owner[ptr] = n
+    return root
+
+
+def _refuse_outside_writes(writes, nodes, root) -> None:
     for n, x in writes:
-        base = root(x)
         for member in nodes:
-            if root(member) is base and member.op in ("placeholder", "get_attr"):
+            if root(member) is root(x) and member.op in ("placeholder", "get_attr"):
                 what = "the model's input" if member.op == "placeholder" else f"{member.target!r} of the model"
                 raise ValueError(f"model: forward changes {what} in place: {describe(n)}; every forward then "
                                  "sees other values, so a weight's effect is not defined (copy it first: "
                                  "x = x.clone())")
+
+
+def functionalize(gm: fx.GraphModule, name: str, x: torch.Tensor) -> None:
+    """Make every read after an in-place op read the op's result, or raise naming what cannot be.
+    ``x``: a few samples, run once (on a copy) to see which values really share memory."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is operator.setitem:
+            n.target = setitem
+    nodes = list(gm.graph.nodes)
+    order = {n: k for k, n in enumerate(nodes)}
+    writes = [(n, mutated(n, gm)) for n in nodes if mutated(n, gm) is not None]
+    if not writes:
+        return
+    _refuse_outside_writes(writes, nodes, _groups(nodes, gm, None))  # before anything runs on the input
+    storages = _Storages(gm)
+    with torch.no_grad():
+        storages.run(x.clone())
+    root = _groups(nodes, gm, storages.ptrs)
+    _refuse_outside_writes(writes, nodes, root)
+    for n, x in writes:
         for user in list(x.users):  # later reads of the value itself read the op's result
             if user is not n and order[user] > order[n]:
                 user.replace_input_with(x, n)
         for member in nodes:
-            if member is x or member is n or root(member) is not base or order[member] > order[n]:
+            if member is x or member is n or root(member) is not root(x) or order[member] > order[n]:
                 continue
             stale = [u for u in member.users if order[u] > order[n] and u is not n]
             if stale:
@@ -198,6 +243,77 @@ def functionalize(gm: fx.GraphModule, name: str) -> None:
     gm.recompile()
 
 
-def check_dataflow(gm: fx.GraphModule, node: fx.Node, name: str, target: nn.Module, param: str) -> None:
+def _after(node: fx.Node) -> set:
+    """The nodes whose value depends on ``node``'s (itself included)."""
+    seen, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def check_hooks(gm: fx.GraphModule, node: fx.Node, name: str, target: nn.Module, param: str) -> None:
+    """Refuse hooks and parametrizations that change what the target or a module after it computes:
+    the methods replay modules without them (torch.nn.utils.prune's hooks only recompute the weight)."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as tprune
+    from torch.nn.modules import module as module_globals
+
+    if parametrize.is_parametrized(target, param):
+        raise ValueError(f"layer {name!r}: its {param} is computed by a parametrization (weight_norm, "
+                         "spectral_norm, ...): zeroing one entry of what it computes from is not zeroing one "
+                         f"weight; use torch.nn.utils.parametrize.remove_parametrizations({name}, {param!r}) on a "
+                         "copy first")
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        raise ValueError("model: global forward hooks are registered (torch.nn.modules.module."
+                         "register_module_forward_hook): they can change what modules compute, which the methods "
+                         "replay without them; remove them during ablate")
+    for n in _after(node):
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(n.target)
+        hooks = [h for h in m._forward_pre_hooks.values() if not isinstance(h, tprune.BasePruningMethod)]
+        hooks += list(m._forward_hooks.values())
+        if hooks:
+            what = getattr(hooks[0], "__name__", type(hooks[0]).__name__)
+            raise ValueError(f"module {n.target!r} has a forward hook ({what}): a hook can change what the module "
+                             "computes, and the methods replay it without hooks; remove it during ablate "
+                             "(handle.remove()), or use backend='naive'")
+
+
+def check_per_sample(gm: fx.GraphModule, x: torch.Tensor) -> None:
+    """The logits of each sample must be a deterministic function of that sample alone: a random
+    forward (dropout left on) or one that mixes samples (a mean over the batch axis, cdist, batch
+    statistics) has no per-sample effect of a weight to compute."""
+    for n in gm.graph.nodes:
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is None and not isinstance(
+                m, nn.modules.instancenorm._InstanceNorm):
+            raise ValueError(f"module {n.target!r} ({type(m).__name__}) uses batch statistics in eval mode: the "
+                             "samples of a batch are not independent, so single-weight ablation is not defined per "
+                             "sample")
+    with torch.no_grad():
+        out = gm(x.clone())
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() != 2:
+            return  # the caller says what a forward must return
+        scale = 1e-4 * (out.abs().max().item() + 1.0)
+        if not torch.allclose(gm(x.clone()), out, rtol=0, atol=scale):
+            raise ValueError("model: two forwards on the same inputs gave different logits (dropout or another "
+                             "random op left on in eval mode, e.g. F.dropout(h, p) without "
+                             "training=self.training): the effect of a weight is not defined")
+        if x.shape[0] > 1:
+            alone = torch.cat([gm(x[i:i + 1].clone()) for i in range(x.shape[0])])
+            if alone.shape == out.shape and not torch.allclose(alone, out, rtol=0, atol=scale):
+                raise ValueError("model: the logits of a sample depend on the other samples of its batch (a mean "
+                                 "over the batch axis, cdist, batch statistics): the effect of a weight per sample "
+                                 "is not defined, so no exact method applies")
+
+
+def check_dataflow(gm: fx.GraphModule, node: fx.Node, name: str, target: nn.Module, param: str,
+                   x: torch.Tensor) -> None:
     check_shared(gm, node, name, target, param)
-    functionalize(gm, name)
+    check_hooks(gm, node, name, target, param)
+    functionalize(gm, name, x)
+    check_per_sample(gm, x)

@@ -28,7 +28,7 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
     """The method object for sweep(); ``first_x`` is the first batch's inputs (a few samples are run).
     ``method`` other than "auto" forces one method, and raises ValueError saying why when it does not apply."""
     x = first_x[:PLAN_SAMPLES]
-    graph = trace(model, name, target, param)
+    graph = trace(model, name, target, param, x)
     values = capture_values(graph, x)
     reasons = []
     if method in ("auto", "closed_form"):

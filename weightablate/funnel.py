@@ -7,6 +7,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import ops
@@ -25,6 +26,9 @@ def _per_channel(n, mods, dependent) -> str | None:
     deps = [a for a in n.all_input_nodes if a in dependent]
     if len(deps) != 1:
         return f"node {n.name!r} combines {len(deps)} values that depend on the target"
+    extra = [a for a in list(n.args[1:]) + list(n.kwargs.values()) if isinstance(a, fx.Node)]
+    if extra and not (n.target in ADD or n.target in SUB or n.target in ("add", "add_", "sub", "sub_")):
+        return f"node {n.name!r} takes a tensor argument ({extra[0].name!r}) besides the changed channel"
     if n.op == "call_module":
         m = mods[n.target]
         ok = (IDENTITY, nn.ReLU, nn.LeakyReLU, nn.modules.batchnorm._BatchNorm, nn.Flatten, *ELEMENTWISE)

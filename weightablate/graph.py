@@ -21,15 +21,18 @@ from .dataflow import SKIP_FRAMES, check_dataflow, where
 
 # Nodes whose value is metadata of a tensor (its shape), not a function of its values: they do
 # not carry a change of the target's output.
-_STATIC_METHODS = {"size", "dim", "numel", "type", "__len__"}
-_STATIC_FUNCTIONS = {getattr, len}
+_STATIC_METHODS = {"size", "dim", "numel", "__len__", "stride", "element_size", "is_contiguous"}
+_STATIC_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse", "names"}
 
 
 def _is_static(node: fx.Node, static: set) -> bool:
-    if node.op == "call_method" and node.target in _STATIC_METHODS:
+    if node.op == "call_method" and (node.target in _STATIC_METHODS or (node.target == "type" and len(node.args) == 1
+                                                                          and not node.kwargs)):
+        return True  # x.type() with no dtype is its name; x.type(dtype) is a tensor
+    if node.op == "call_function" and node.target is len:
         return True
-    if node.op == "call_function" and node.target in _STATIC_FUNCTIONS:
-        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _STATIC_ATTRIBUTES:
+        return True  # x.shape; but x.T, x.mT, x.data are values
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] in static:
         return True
     return False
@@ -126,10 +129,10 @@ class Graph:
         return count
 
 
-def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: str = "weight") -> Graph:
+def trace(model: nn.Module, name: str, target: nn.Module | None, param: str, x: torch.Tensor) -> Graph:
     """Trace ``model`` and check its dataflow around the target (weightablate.dataflow); a model
     that cannot be traced, or whose dataflow no exact method can follow, raises ValueError naming
-    the construct."""
+    the construct. ``x``: a few samples (the first batch's), run to see which values share memory."""
     target = model.get_submodule(name) if target is None else target
     tracer = _Tracer(target)
     try:
@@ -152,6 +155,11 @@ def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: s
                              f"{base.__name__}'s: what it computes from its weight is not known to be a "
                              f"{base.__name__} (a mask, a normalised weight?), so no exact method applies; "
                              "use backend='naive' (exact, slow), or torch.nn.utils.prune for masks")
+        reads = [n for n in nodes if n.op == "get_attr" and _owner(model, n.target) is target]
+        if reads:
+            raise ValueError(f"layer {name!r} is not called as a module: forward reads its "
+                             f"{reads[0].target.rpartition('.')[2]}{where(reads[0])}; weightablate ablates layers "
+                             "that forward calls (self.fc(h)); backend='naive' zeros the entry wherever it is read")
         raise ValueError(f"layer {name!r} does not run in the model's forward")
     if len(hits) > 1:
         raise ValueError(f"layer {name!r} runs {len(hits)} times per forward pass{where(hits[1])}: zeroing one "
@@ -160,7 +168,7 @@ def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: s
     node = hits[0]
     if not node.args and "input" in node.kwargs:  # self.fc(input=h): the same call
         node.args, node.kwargs = (node.kwargs["input"],), {k: v for k, v in node.kwargs.items() if k != "input"}
-    check_dataflow(gm, node, name, target, param)
+    check_dataflow(gm, node, name, target, param, x)
     nodes = list(gm.graph.nodes)
     out = next(n for n in nodes if n.op == "output")
     logits = out.args[0]
@@ -185,6 +193,14 @@ def trace(model: nn.Module, name: str, target: nn.Module | None = None, param: s
     dependent = [n for n in nodes if n in dep and (n is node or n in reaches)]
     needed = set(dependent) | {a for n in dependent for a in n.all_input_nodes} | {logits}
     return Graph(gm, node, nodes, dependent, needed, batched, logits)
+
+
+def _owner(model: nn.Module, path: str):
+    """The module holding attribute ``path`` ("fc1.weight" -> fc1), or None."""
+    try:
+        return model.get_submodule(path.rpartition(".")[0])
+    except AttributeError:
+        return None
 
 
 class _Capture(fx.Interpreter):

@@ -14,6 +14,23 @@ from .data import check_labels
 from .progress import bar
 
 
+class Entries:
+    """A tensor's entries by flat (row-major) index, written in place whatever its strides
+    (a channels_last conv weight, a transposed Linear weight)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def _at(self, idx: int):
+        return tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), self.t.shape))
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        return self.t[self._at(idx)]
+
+    def __setitem__(self, idx: int, value) -> None:
+        self.t[self._at(idx)] = value
+
+
 def evaluate(model, batches):
     """Per-batch logits of the model (no_grad)."""
     with torch.no_grad():
@@ -43,7 +60,7 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
     out["base_accuracy"] = sum(int((p == y).sum()) for p, (_, y) in zip(base_pred, batches)) / n
     # torch.nn.utils.prune recomputes <param> = <param>_orig * mask on every forward: zeroing the
     # entry of <param>_orig zeroes the weight the layer uses (a pruned entry is zero already)
-    flat = getattr(layer, param + "_orig", getattr(layer, param)).data.view(-1)
+    flat = Entries(getattr(layer, param + "_orig", getattr(layer, param)).data)
     with bar(K, "naive ablation", progress) as pbar:
         for k, idx in enumerate(flat_idx.tolist()):
             original = flat[idx].clone()

@@ -219,5 +219,5 @@ def plan_head(graph, values: dict, name: str, device) -> Head:
 
 def closed_form_head(model: nn.Module, name: str, target: nn.Module, x: torch.Tensor, param: str = "weight") -> Head:
     """Trace ``model``, check its dataflow and plan the closed-form head on the inputs ``x``."""
-    graph = trace(model, name, target, param)
+    graph = trace(model, name, target, param, x)
     return plan_head(graph, capture_values(graph, x), name, target.weight.device)

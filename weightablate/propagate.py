@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .dataflow import where
 from .plan import ELEMENTWISE, ELEMENTWISE_FUNCS, IDENTITY, IDENTITY_METHODS, RELU_FUNCS
 
 ELEMENTWISE_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_"}
@@ -52,6 +53,7 @@ class Delta:
     t: torch.Tensor
     idx: torch.Tensor | None  # (K,) block index along the node's dim 1, None when dense
     size: int  # the node's dim-1 size
+    absolute: bool = False  # t holds the new values, not changes (a bool or integer node: h > 0, argmax)
 
     @property
     def k(self) -> int:
@@ -187,7 +189,9 @@ class Propagator:
 
     def apply(self, n: fx.Node, env: dict) -> Delta:
         r = None
-        if n.op == "call_module":
+        if any(env[a].absolute for a in n.all_input_nodes if a in env):
+            pass  # new values of a bool/integer input: only the generic path reads them
+        elif n.op == "call_module":
             x = n.args[0] if n.args else None
             if len(n.args) == 1 and not n.kwargs and x in env:
                 r = self.module_delta(self.mods[n.target], n, x, env[x])
@@ -249,7 +253,10 @@ class Propagator:
             if f in ELEMENTWISE_FUNCS and first:
                 rest = [self._const(a, torch.float64) for a in args[1:] if not isinstance(a, bool)]  # no inplace
                 kw = {k: self._const(v, torch.float64) for k, v in n.kwargs.items() if k != "inplace"}
-                return self.elementwise(x, env[x], lambda u: f(u, *rest, **kw))
+                d = env[x]
+                if any(isinstance(a, fx.Node) for a in list(args[1:]) + list(n.kwargs.values())):
+                    d = Delta(d.dense(), None, d.size)  # a tensor argument (a per-unit clamp) has the full shape
+                return self.elementwise(x, d, lambda u: f(u, *rest, **kw))
             if f in POOL_FUNCS and first:
                 d = env[x]
                 rest = [self._const(a) for a in args[1:]]
@@ -433,6 +440,8 @@ class Propagator:
         def new(a):
             if isinstance(a, fx.Node):
                 v = self.base(a, f64)
+                if a in env and env[a].absolute:
+                    return merge(env[a].t)
                 if a in env:
                     return merge(v.unsqueeze(0) + env[a].dense().double())
                 if a in self.g.batched and isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -448,9 +457,17 @@ class Propagator:
         if n not in self.out64:
             self.out64[n] = self._call(n, fx.node.map_aggregate(n.args, old), fx.node.map_aggregate(n.kwargs, old))
         base = self.out64[n]
-        if not isinstance(out, torch.Tensor) or out.shape[0] != K * base.shape[0]:
-            raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}) does not keep the batch as its "
-                             "first axis, so the ablations cannot be stacked along it")
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}){where(n)} returns a "
+                             f"{type(out).__name__}, not one tensor, from values that depend on the target; "
+                             "weightablate follows single-tensor ops only (take [0] of a module's tuple in forward "
+                             "after a module it can trace)")
+        if base.dim() == 0 or out.shape[0] != K * base.shape[0]:
+            raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}){where(n)} does not keep the batch "
+                             "as its first axis (it reduces or mixes samples, or puts another axis first), so the "
+                             "ablations cannot be stacked along it")
+        if not base.is_floating_point():  # a comparison, argmax, ...: carry the new values themselves
+            return Delta(unmerge(out, K), None, self.size_of(n), absolute=True)
         return Delta((unmerge(out, K) - base.unsqueeze(0)).to(self.dtype), None, self.size_of(n))
 
     def _call(self, n, args, kwargs):

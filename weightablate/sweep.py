@@ -84,6 +84,7 @@ def make_batch(logits: torch.Tensor, labels: torch.Tensor, n_classes: int | None
     return Batch(logits=logits, probs=logp.exp(), labels=labels), ce
 
 
+@torch.no_grad()  # replay's generic path calls modules: no autograd graph, no grad_fn on the results
 def sweep(method, stream, K: int, *, by_class: bool, max_memory: int, progress, total_batches=None,
           checkpoint=None):
     """Run ``method`` over every batch of ``stream`` and every chosen weight.
