@@ -17,7 +17,7 @@ BY_CLASS_MAX = 1 << 25  # weights x classes for which `run` also splits delta_lo
 
 def add_parsers(sub) -> None:
     """Add ``report`` and ``stats`` to the ``weightablate`` subparsers."""
-    from .cli import DEVICE_HELP, _positive, add_folder_args
+    from .cli_common import DEVICE_HELP, _positive, add_folder_args
     from .reporting import BOOTSTRAP, MAX_POINTS
 
     rep = sub.add_parser(
@@ -82,7 +82,7 @@ def _logger(args):
 
 def _inputs(paths: list[Path]):
     """Result files, plus what a `run` directory holds: (results, train, criteria, activations, extra)."""
-    from .cli import CLIError
+    from .cli_common import CLIError
 
     files, train, crit, acts, extra = [], [], None, None, {}
     for p in paths:
@@ -110,7 +110,7 @@ def _inputs(paths: list[Path]):
 
 
 def _load_all(paths):
-    from .cli import CLIError
+    from .cli_common import CLIError
     from .result import load
 
     out = []
@@ -128,7 +128,7 @@ def cmd_report(args) -> int:
     import numpy as np
 
     from .activations import ActivationStats
-    from .cli import CLIError
+    from .cli_common import CLIError
     from .outputs import check_outputs
     from .reporting import concat, format_report, report
     from .summary import format_summary, summarize
@@ -203,7 +203,7 @@ def by_class_ok(n_weights: int, n_classes: int) -> bool:
 def _model_and_data(args, log):
     """The model and data of `run`'s options: (model, default layer, data, description)."""
     from . import digits as dg
-    from .cli import default_layer, model_and_folder
+    from .cli_common import default_layer, model_and_folder
 
     on_digits = args.data == "digits"
     model, _, folder, device = model_and_folder(args, log)
@@ -220,7 +220,7 @@ def _model_and_data(args, log):
 
 def cmd_stats(args) -> int:
     from .activations import activation_stats
-    from .cli import layer_arg
+    from .cli_common import layer_arg
     from .reporting import _png, _safe, fig_activation_pass, fig_activation_units
     from .summary import to_json
 
