@@ -130,8 +130,8 @@ def _use_fused(kind, rows, param, n_classes, backend, mode) -> bool:
 def _moment_slots(rows, n_units, n_classes, backend, mode, device, min_weights=None, min_classes=None):
     """(I,) int64: each unit's row in the moment tensor, -1 for units scored by the O(C) loop; None
     when no unit takes the moment path: mode="exact", or the cpu kernel below ``min_classes``
-    classes (its O(C) loop is faster there). Defaults: MOMENT_MIN_WEIGHTS, MOMENT_MIN_CLASSES (read
-    at call time)."""
+    classes (its O(C) loop is faster there). Defaults: MOMENT_MIN_WEIGHTS, MOMENT_MIN_CLASSES,
+    read at call time (tests set them)."""
     min_weights = MOMENT_MIN_WEIGHTS if min_weights is None else min_weights
     min_classes = MOMENT_MIN_CLASSES if min_classes is None else min_classes
     if mode == "exact" or (backend == "cpu" and n_classes < min_classes):

@@ -24,7 +24,6 @@ def top_moments(head_rows, moment_slot, probs, logits, labels, order):
     top = logits.argmax(1)
     rest = probs.scatter(1, top[:, None], 0.0)  # p without the top class
     q = rest.sum(1)
-    p_top = probs.gather(1, top[:, None])[:, 0]
     rest_t = rest.t().contiguous()
     M = W.shape[0]
     moments = torch.empty(order, M, N, dtype=torch.float64, device=probs.device)
@@ -45,5 +44,7 @@ def top_moments(head_rows, moment_slot, probs, logits, labels, order):
             for j in range(k):
                 acc += math.comb(k, j) * raw[j] * neg[k - j]
             moments[k - 1, b : b + step] = acc
-        gap[b : b + step] = raw[1] + p_top * wt - Wb[:, labels]  # E_p[v - c] - (v_y - c)
+        # E_p[v] - v_y = mu_1 - (v_y - v_top): exactly mu_1 when y is the top class (relative precision
+        # for a confident sample, where E_p[v] - v_y from a dot product keeps only eps |v| absolute)
+        gap[b : b + step] = moments[0, b : b + step] - (Wb[:, labels] - wt)
     return moments, gap

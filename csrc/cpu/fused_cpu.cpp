@@ -249,7 +249,7 @@ WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, 
 // One weight over one tile, lanes across samples: the loop sums the certified pairs and marks the rest.
 // Its own clones (not inlined into fused_runs'): inlined there GCC kept only the scalar copy of
 // this loop; one indirect call per 256 pairs costs nothing.
-template <int D, typename scalar_t>
+template <int D, bool ByClass, typename scalar_t>
 WA_CLONES void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, double sl, double range,
                            double vs, int64_t nt, double& sum_loss, double& sum_kl, int64_t& n_marked, int64_t& n_active) {
   double sl_ = 0.0, sk = 0.0;
@@ -282,8 +282,7 @@ WA_CLONES void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, 
     sk += take ? kl : 0.0;
     const int64_t code = static_cast<int64_t>(nz & !ok) | (static_cast<int64_t>(nz & cand) << 1);
     t.code[n] = code;
-    t.d[n] = d;
-    t.dce[n] = take ? dce : 0.0;
+    if constexpr (ByClass) t.d[n] = d, t.dce[n] = take ? dce : 0.0;  // else no stores but code's
     marked += code != 0;
     active += nz;
   }
@@ -293,14 +292,16 @@ WA_CLONES void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, 
 
 // The marked pairs of one weight's tile, one by one: the moment path with the full log1p, else the
 // exact O(C) loop; flip candidates by argmax.
-WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, int64_t k, int64_t n0, int64_t nt,
-                              Sums& s) {
+// d is recomputed from the same values by the same operations (fp-contract off): the lane's d.
+template <typename scalar_t>
+WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, const scalar_t* a_row, double wk,
+                              int64_t n0, int64_t nt, Sums& s) {
   const int64_t C = a.C;
   const double* v = a.head ? a.head + i * C : nullptr;
   const double range = a.range[i];
   for (int64_t n = 0; n < nt; ++n) {
     if (!t.code[n]) continue;
-    const double d = t.d[n];
+    const double d = leaky_d(wk, static_cast<double>(a_row[n]), t.u[n], a.gain[i], a.slope[i]);
     const int64_t sample = n0 + n, y = a.labels[sample];
     if (t.code[n] & 1) {
       Pair r;
@@ -324,7 +325,7 @@ WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, int
         r.dce = r.kl + d * (i == y ? -qi : pi);
       }
       s.loss += r.dce, s.kl += r.kl;
-      t.dce[n] = r.dce;
+      t.dce[n] = r.dce;  // read by by_class only
     }
     if (t.code[n] & 2) {
       const int64_t pred = a.st->top[sample];
@@ -360,9 +361,11 @@ WA_INLINE void fused_runs_impl(const FusedArgs& a, int64_t rb, int64_t re) {
       for (int64_t k = kb; k < ke; ++k) {
         Sums s;
         int64_t marked = 0;
-        weight_tile<D>(t, a_t + a.cols[k] * N + n0, static_cast<double>(w[k]), g, sl, range, vs, nt, s.loss, s.kl,
-                       marked, s.active);
-        if (marked) resolve_marked(a, t, D, i, k, n0, nt, s);
+        const scalar_t* a_row = a_t + a.cols[k] * N + n0;
+        const double wk = static_cast<double>(w[k]);
+        if (a.cls) weight_tile<D, true>(t, a_row, wk, g, sl, range, vs, nt, s.loss, s.kl, marked, s.active);
+        else weight_tile<D, false>(t, a_row, wk, g, sl, range, vs, nt, s.loss, s.kl, marked, s.active);
+        if (marked) resolve_marked(a, t, D, i, a_row, wk, n0, nt, s);
         if (a.cls) {
           double* row = a.cls + k * C;
           for (int64_t n = 0; n < nt; ++n)
