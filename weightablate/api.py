@@ -288,7 +288,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 stream = itertools.chain([first], stream)
 
                 scorer = structured.Structured(run, name, run_target, structure, local, resolved, mode,
-                                               "flips" in metrics, by_class)
+                                               "flips" in metrics, by_class, x=first[0])
                 if verify and local.numel():
                     probe = {}
 

@@ -144,12 +144,14 @@ def _run_from(prop: Propagator, start, d: Delta, stop=None):
 class Structured:
     """A sweep method (prepare / chunk_size / score) for whole units of the target."""
 
-    def __init__(self, model, name, target, structure, units, backend, mode, want_flips, by_class, graph=None):
-        """``graph``: the traced model (weightablate.graph.trace), traced here when None. The method is
-        planned on the first batch's values (``kind``, ``description`` are set by the first prepare)."""
+    def __init__(self, model, name, target, structure, units, backend, mode, want_flips, by_class, graph=None,
+                 x=None):
+        """``graph``: the traced model (weightablate.graph.trace), traced here on the samples ``x`` when
+        None. The method is planned on the first batch's values (``kind``, ``description`` are set by
+        the first prepare)."""
         self.name, self.target, self.structure = name, target, structure
         self.backend, self.mode, self.want_flips, self.by_class = backend, mode, want_flips, by_class
-        self.graph = graph if graph is not None else trace(model, name, target, "weight")
+        self.graph = graph if graph is not None else trace(model, name, target, "weight", x[:2])
         self.units = units.to(target.weight.device)
         self.prop = Propagator(self.graph, "weight", torch.promote_types(target.weight.dtype, torch.float32))
         self.values, self.per_sample, self.kind = None, 1, None
@@ -307,7 +309,7 @@ def naive_structured(model, name, target, structure, units, x, y, end_name=None)
     not depend on the layer keep their values from the base forward (the same numbers); every node
     after it is evaluated again. ``end_name``: the node where the channel meets its consumers
     ("out"; found from the chain when None)."""
-    graph = trace(model, name, target, "weight")
+    graph = trace(model, name, target, "weight", x[:2])
     end = graph.target
     if structure == "out":
         found = [n for n in graph.nodes if n.name == end_name]
