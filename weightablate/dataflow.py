@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import linecache
 import operator
 import os
 
@@ -43,18 +44,11 @@ VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
 
 def where(node: fx.Node) -> str:
     """Where the user's forward created ``node``: ' (file:line: `code`)', or '' when unknown."""
-    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None) or ""
-    lines = trace.strip().splitlines()
-    for k in range(len(lines) - 1, -1, -1):
-        text = lines[k].strip()
-        if text.startswith("File \"") and ", line " in text:
-            path = text[len("File \""):text.index("\", line ")]
-            if path.startswith(SKIP_FRAMES):
-                continue
-            lineno = text.split(", line ")[1].split(",")[0]
-            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
-            return f" ({os.path.basename(path)}:{lineno}: `{code}`)" if code else f" ({os.path.basename(path)}:{lineno})"
-    return ""
+    found = node.meta.get("user_frame")
+    if found is None:
+        return ""
+    code = linecache.getline(*found).strip()
+    return f" ({os.path.basename(found[0])}:{found[1]}" + (f": `{code}`)" if code else ")")
 
 
 def describe(node: fx.Node) -> str:

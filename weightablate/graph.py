@@ -11,6 +11,7 @@ from __future__ import annotations
 import linecache
 import operator
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,18 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, target: nn.Module):
         super().__init__()
-        self.record_stack_traces = True
         self.target = target
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        # where forward created the node, for messages (fx's record_stack_traces imports torch._dynamo,
+        # whose threads can abort a torchrun process at exit)
+        node = super().create_node(*args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(SKIP_FRAMES):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["user_frame"] = (frame.f_code.co_filename, frame.f_lineno)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if m is not self.target and any(sub is self.target for sub in m.modules()):
