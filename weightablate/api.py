@@ -258,78 +258,29 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        stream = batches(data, batch_size, device, target.weight.dtype)
-        run = model
-        if precision == "float64" and target.weight.dtype != torch.float64:
-            run = copy_model(model, torch.float64)
-            stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
-        elif target.weight.dtype in HALF:
-            warnings.warn(f"ablate: the model is {target.weight.dtype}; it is run as a float32 copy, so the "
-                          "captured activations and the scores are computed in float32", UserWarning, stacklevel=2)
-            run = copy_model(model, torch.float32)
-            stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
+        run, stream = _runnable(model, target, precision, batches(data, batch_size, device, target.weight.dtype),
+                                device)
         run_target = run.get_submodule(name)  # the target in the model that actually runs (maybe a copy)
-        if run_target.weight.dtype == torch.float32:
-            tf32 = tf32_in_use(run, device)
-            if tf32:
-                warnings.warn("ablate: on this GPU PyTorch runs " + " and ".join(tf32) + " in TF32, so the "
-                              "captured activations, and the scores, are not exact to float32 rounding; set that "
-                              "flag to 'ieee' or pass precision='float64'", UserWarning, stacklevel=2)
-        if structure != "weight":
-            if resolved == "naive":
+        if resolved == "naive":
+            if structure != "weight":
                 raise ValueError(f"backend='naive' with structure={structure!r}: the structured reference is "
                                  "weightablate.structured.naive_structured (the self-check runs it)")
-            if method != "auto":
-                raise ValueError(f"method={method!r} with structure={structure!r}: the structured path picks its "
-                                 "method itself (res.method says which ran)")
-            with distributed.fail_together():
-                stream = iter(stream)
-                first = next(stream)
-                stream = itertools.chain([first], stream)
-
-                scorer = structured.Structured(run, name, run_target, structure, local, resolved, mode,
-                                               "flips" in metrics, by_class, x=first[0])
-                if verify and local.numel():
-                    probe = {}
-
-                    def score(units, x, y):
-                        probe["m"] = structured.Structured(run, name, run_target, structure, units, resolved, mode,
-                                                           True, False, graph=scorer.graph)
-                        return sweep(probe["m"], [(x, y)], units.numel(), by_class=False, max_memory=max_memory,
-                                     progress=False)[0]
-                    checked = structured.self_check(run, name, run_target, structure, local, first[0], first[1],
-                                                    score, seed, lambda: probe["m"].end.name)
-                total = count_batches(data, batch_size)
-                out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
-                                                            max_memory=max_memory, progress=progress,
-                                                            total_batches=total, checkpoint=checkpoint)
-            kind, head_desc, counts = scorer.kind, scorer.description, {}
-            if parts is not None:
-                out = distributed.gather(parts, out, flat.numel())
-        elif resolved == "naive":
             out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
-            kind, head_desc = "naive", "zero, evaluate, restore"
-            counts = {}
+            kind, head_desc, counts = "naive", "zero, evaluate, restore", {}
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             with distributed.fail_together():
                 stream = iter(stream)
                 first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
                 stream = itertools.chain([first], stream)
-                scorer = choose_method(run, name, run_target, param, local, first[0], resolved, mode,
-                                       "flips" in metrics, by_class, method)
-                if verify and local.numel():
-                    def score(model_, weights, x, y):
-                        probe = choose_method(model_, name, model_.get_submodule(name), param, weights, x, resolved,
-                                              mode, True, False, method)
-                        return sweep(probe, [(x, y)], weights.numel(), by_class=False, max_memory=max_memory,
-                                     progress=False)[0]
-                    checked = self_check(run, name, run_target, param, local, first[0], first[1], score, seed,
-                                         scorer.kind)
-                total = count_batches(data, batch_size)
+                plan = _plan_structured if structure != "weight" else _plan_weights
+                scorer, check = plan(run, name, run_target, param, structure, local, first, resolved, mode,
+                                     "flips" in metrics, by_class, method, max_memory, seed)
+                checked = check() if verify and local.numel() else None
                 out, n_samples, base_loss, base_acc = sweep(scorer, stream, local.numel(), by_class=by_class,
                                                             max_memory=max_memory, progress=progress,
-                                                            total_batches=total, checkpoint=checkpoint)
+                                                            total_batches=count_batches(data, batch_size),
+                                                            checkpoint=checkpoint)
             kind, head_desc = scorer.kind, scorer.description
             counts = getattr(scorer, "counts", {})  # the fused path's pairs and its exact fraction
             if parts is not None:
@@ -355,3 +306,58 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
                   if tensor.dtype in HALF and precision == "model" else {}),
                **({"self_check": checked} if checked else {}), **counts})
+
+
+def _runnable(model: nn.Module, target: nn.Module, precision: str, stream, device):
+    """The model that runs (the user's, or a float64 / float32 copy: the user's is never converted)
+    and the batches cast to its dtype; warns when a float32 forward would run in TF32."""
+    run = model
+    if precision == "float64" and target.weight.dtype != torch.float64:
+        run = copy_model(model, torch.float64)
+        stream = ((x.double() if x.is_floating_point() else x, y) for x, y in stream)
+    elif target.weight.dtype in HALF:
+        warnings.warn(f"ablate: the model is {target.weight.dtype}; it is run as a float32 copy, so the "
+                      "captured activations and the scores are computed in float32", UserWarning, stacklevel=3)
+        run = copy_model(model, torch.float32)
+        stream = ((x.float() if x.is_floating_point() else x, y) for x, y in stream)
+    runs_in = torch.float64 if precision == "float64" else (torch.float32 if target.weight.dtype in HALF
+                                                             else target.weight.dtype)
+    if runs_in == torch.float32:
+        tf32 = tf32_in_use(run, device)
+        if tf32:
+            warnings.warn("ablate: on this GPU PyTorch runs " + " and ".join(tf32) + " in TF32, so the "
+                          "captured activations, and the scores, are not exact to float32 rounding; set that "
+                          "flag to 'ieee' or pass precision='float64'", UserWarning, stacklevel=3)
+    return run, stream
+
+
+def _plan_weights(run, name, target, param, structure, local, first, backend, mode, want_flips, by_class, method,
+                  max_memory, seed):
+    """The method for single entries (weightablate.dispatch) and its self-check (weightablate.verify)."""
+    scorer = choose_method(run, name, target, param, local, first[0], backend, mode, want_flips, by_class, method)
+
+    def score(model_, weights, x, y):  # the same method, on a few weights and samples of model_
+        probe = choose_method(model_, name, model_.get_submodule(name), param, weights, x, backend, mode, True,
+                              False, method)
+        return sweep(probe, [(x, y)], weights.numel(), by_class=False, max_memory=max_memory, progress=False)[0]
+
+    return scorer, lambda: self_check(run, name, target, param, local, first[0], first[1], score, seed, scorer.kind)
+
+
+def _plan_structured(run, name, target, param, structure, local, first, backend, mode, want_flips, by_class, method,
+                     max_memory, seed):
+    """The method for whole units (weightablate.structured) and its self-check."""
+    if method != "auto":
+        raise ValueError(f"method={method!r} with structure={structure!r}: the structured path picks its "
+                         "method itself (res.method says which ran)")
+    scorer = structured.Structured(run, name, target, structure, local, backend, mode, want_flips, by_class,
+                                   x=first[0])
+    probe = {}
+
+    def score(units, x, y):
+        probe["m"] = structured.Structured(run, name, target, structure, units, backend, mode, True, False,
+                                           graph=scorer.graph)
+        return sweep(probe["m"], [(x, y)], units.numel(), by_class=False, max_memory=max_memory, progress=False)[0]
+
+    return scorer, lambda: structured.self_check(run, name, target, structure, local, first[0], first[1], score,
+                                                 seed, lambda: probe["m"].end.name)
