@@ -33,6 +33,7 @@ def cases():
     yield f"digits fc2 (all {d.n_weights(None)} weights, {len(d.y)} samples)", d.model, d.layer, d.data, None
     yield f"alexnet fc2 ({a.n_weights(4096)} weights, {len(a.y)} samples)", a.model, a.layer, a.data, 4096
     yield resnet("layer4.1.conv2")
+    yield resnet("layer4.1.conv2", n=64, weights=16384)
     yield resnet("layer3.0.conv1", weights=64)
 
 
@@ -41,16 +42,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(f"{'workload':58s} {'method':>11s} {'verify off':>11s} {'verify on':>10s} {'cost':>7s}")
+    print(f"{'workload':58s} {'method':>11s} {'verify off':>11s} {'verify on':>10s} {'cost':>7s} {'check':>7s}")
     for label, model, layer, data, weights in cases():
-        times = {False: [], True: []}
+        times, checks = {False: [], True: []}, []
         for _ in range(args.repeats):
             for verify in (False, True):
                 start = time.perf_counter()
                 r = wa.ablate(model, layer, data, weights, progress=False, verify=verify)
                 times[verify].append(time.perf_counter() - start)
+                if verify:
+                    checks.append(float(r.extra["self_check"].split(" in ")[1].split(" s")[0]))
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        print(f"{label:58s} {r.method:>11s} {off:10.3f}s {on:9.3f}s {100 * (on - off) / off:6.1f}%")
+        print(f"{label:58s} {r.method:>11s} {off:10.3f}s {on:9.3f}s {100 * (on - off) / off:6.1f}% "
+              f"{statistics.median(checks):6.3f}s")
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ def _plan_weights(run, name, target, param, structure, local, first, backend, mo
 
     def score(model_, weights, x, y):  # the same method, on a few weights and samples of model_
         probe = choose_method(model_, name, model_.get_submodule(name), param, weights, x, backend, mode, True,
-                              False, method)
+                              False, method, graph=scorer.graph if model_ is run else None)
         return sweep(probe, [(x, y)], weights.numel(), by_class=False, max_memory=max_memory, progress=False)[0]
 
     return scorer, lambda: self_check(run, name, target, param, local, first[0], first[1], score, seed, scorer.kind)

@@ -24,18 +24,21 @@ METHODS = ("auto", "closed_form", "funnel", "replay")
 
 def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, flat: torch.Tensor,
                   first_x: torch.Tensor, backend: str, mode: str, want_flips: bool, by_class: bool,
-                  method: str = "auto"):
+                  method: str = "auto", graph=None):
     """The method object for sweep(); ``first_x`` is the first batch's inputs (a few samples are run).
-    ``method`` other than "auto" forces one method, and raises ValueError saying why when it does not apply."""
+    ``method`` other than "auto" forces one method, and raises ValueError saying why when it does not apply.
+    ``graph``: the model traced and checked before (by an earlier call on the same model), else traced here."""
     x = first_x[:PLAN_SAMPLES]
-    graph = trace(model, name, target, param, x)
+    graph = trace(model, name, target, param, x) if graph is None else graph
     values = capture_values(graph, x)
     reasons = []
     if method in ("auto", "closed_form"):
         if isinstance(target, nn.Linear):
             try:
                 head = plan_head(graph, values, name, target.weight.device)
-                return ClosedForm(model, name, target, head, flat, backend, mode, want_flips, by_class, param)
+                scorer = ClosedForm(model, name, target, head, flat, backend, mode, want_flips, by_class, param)
+                scorer.graph = graph
+                return scorer
             except ValueError as exc:
                 if method == "closed_form":
                     raise ValueError(f"method='closed_form' does not apply to layer {name!r}: {exc}") from None
