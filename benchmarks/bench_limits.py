@@ -39,7 +39,7 @@ def count_flops(wl, weights) -> dict:
     from weightablate import _reference as ref
     from weightablate import closed_form, ops
     from weightablate.capture import capture
-    from weightablate.plan import plan_head
+    from weightablate.plan import closed_form_head
     from weightablate.selection import select_weights
 
     model, target = wl.model, wl.model.get_submodule(wl.layer)
@@ -47,9 +47,9 @@ def count_flops(wl, weights) -> dict:
     flat = select_weights(weights, (I, J), 0)
     rows, cols = flat // J, flat % J
     w = target.weight.detach().reshape(-1)[flat]
-    cap = capture(model, target, wl.layer, wl.X, trace=True)
+    cap = capture(model, target, wl.layer, wl.X)
     N, C = cap.logits.shape
-    head = plan_head(cap.calls, wl.layer, I, C, torch.device("cpu"))
+    head = closed_form_head(model, wl.layer, target, wl.X[:2])
     if head.kind != "piecewise":
         return {}
     V = head.rows()  # (I, C) float64

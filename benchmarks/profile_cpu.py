@@ -4,7 +4,7 @@
 
 Wraps (by monkeypatching, read-only for the library) ``capture``, ``_moments``,
 ``ops.pair_deltas`` and ``ops.score_deltas`` (and the set-up: ``select_weights``, ``_check_model``,
-``plan_head``) with timers, runs ``ablate(..., backend="cpu")`` a few
+``choose_method``) with timers, runs ``ablate(..., backend="cpu")`` a few
 times and prints the median seconds of each stage, the rest ("other": planning, log_softmax,
 transposes, accumulation) and the total. ``--torch-profiler`` also prints torch.profiler's top ops.
 """
@@ -26,7 +26,7 @@ from weightablate import api, closed_form, ops  # noqa: E402
 from bench_workloads import WORKLOADS  # noqa: E402
 
 STAGES = {"select_weights": (api, "select_weights"), "check_model": (api, "_check_model"),
-          "plan_head": (closed_form, "plan_head"), "capture": (closed_form, "capture"), "moments": (closed_form, "_moments"),
+          "choose_method": (api, "choose_method"), "capture": (closed_form, "capture"), "moments": (closed_form, "_moments"),
           "pair_deltas": (ops, "pair_deltas"), "score_deltas": (ops, "score_deltas")}
 
 

@@ -88,7 +88,7 @@ def floors(wl, n):
     float64 matmul rate; and the kernel alone on one row (ns per pair)."""
     X, y = wl.X[:n], wl.y[:n]
     target = wl.model.get_submodule(wl.layer)
-    t_cap, cap = timed(lambda: capture(wl.model, target, wl.layer, X, trace=False))
+    t_cap, cap = timed(lambda: capture(wl.model, target, wl.layer, X))
     logits = cap.logits.double()
     probs = torch.softmax(logits, 1)
     V = wl.model[2].weight.detach().t().contiguous().double()
