@@ -347,3 +347,37 @@ def test_checkpoint_resumes_and_refuses_another_structure(tmp_path):
     assert torch.equal(first.delta_loss, again.delta_loss)
     with pytest.raises(ValueError, match="checkpoint"):
         run(m, "2", X, y, "in", weights=units, checkpoint_dir=tmp_path)
+
+
+SPELLINGS = {  # the same per-channel map, spelled as a function, a method, or with the number first
+    "relu+1": lambda h: torch.relu(h) + 1, "1+relu": lambda h: 1 + torch.relu(h),
+    "relu.add": lambda h: torch.relu(h).add(1), "1-relu": lambda h: 1 - torch.relu(h),
+    "torch.exp": lambda h: torch.exp(h), "h.exp": lambda h: h.exp(),
+    "clamp(sigmoid)": lambda h: torch.clamp(torch.sigmoid(h), min=0.3),
+    "sigmoid.clamp": lambda h: torch.sigmoid(h).clamp(min=0.3),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_out_does_not_depend_on_how_a_map_is_spelled(spelling):
+    """Removing unit k of fc1 = fc2 sees zero from it, whatever element-wise map lies in between."""
+    class Spelled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 4)
+
+        def forward(self, x):
+            return self.fc2(SPELLINGS[spelling](self.fc1(x)))
+
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 6), torch.randint(0, 4, (48,))
+    model = Spelled()
+    r = wa.ablate(model, "fc1", (X, y), torch.tensor([0, 3]), structure="out", precision="float64", progress=False)
+    for k, unit in enumerate((0, 3)):
+        m = copy.deepcopy(model).double()
+        with torch.no_grad():
+            base = F.cross_entropy(m(X.double()), y, reduction="sum").item()
+            m.fc2.weight[:, unit] = 0
+            removed = F.cross_entropy(m(X.double()), y, reduction="sum").item()
+        assert abs(r.delta_loss[k].item() - (removed - base)) <= 1e-9 * abs(removed - base) + 1e-12

@@ -31,7 +31,8 @@ from .capture import check_logits
 from .closed_form import _moment_slots, _moments
 from .funnel import funnel_plan
 from .graph import capture_values, trace
-from .plan import ELEMENTWISE, ELEMENTWISE_FUNCS, IDENTITY, IDENTITY_METHODS, RELU_FUNCS, logit_directions
+from .plan import (ELEMENTWISE, ELEMENTWISE_FUNCS, ELEMENTWISE_METHOD_NAMES, IDENTITY, IDENTITY_METHODS, RELU_FUNCS,
+                   logit_directions)
 from .propagate import (ELEMENTWISE_METHODS, POOL_FUNCS, POOL_MODULES, Delta, Propagator, _pad, bn_gain,
                         max_numel)
 from .replay import BYTES_PER_ENTRY, score_logit_deltas
@@ -43,9 +44,11 @@ CHECK_UNITS, CHECK_SAMPLES = 3, 4  # the self-check's units and samples
 _CHANNEL_MODULES = (*IDENTITY, nn.ReLU, nn.LeakyReLU, nn.modules.batchnorm._BatchNorm, *ELEMENTWISE,
                     *POOL_MODULES, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 _CHANNEL_FUNCS = RELU_FUNCS | ELEMENTWISE_FUNCS | POOL_FUNCS | {F.max_pool2d, F.adaptive_max_pool2d, torch.flatten}
-_CHANNEL_METHODS = IDENTITY_METHODS | ELEMENTWISE_METHODS | {"relu", "relu_", "flatten", "view", "reshape"}
+_CHANNEL_METHODS = (IDENTITY_METHODS | ELEMENTWISE_METHODS | {"relu", "relu_", "flatten", "view", "reshape"}
+                    | {m + tail for m in ELEMENTWISE_METHOD_NAMES for tail in ("", "_")})
 _SCALAR_OPS = {operator.mul, operator.imul, operator.add, operator.iadd, operator.sub, operator.isub,
-               operator.truediv, operator.itruediv, torch.mul, torch.add, torch.sub, torch.div}
+               operator.truediv, operator.itruediv, torch.mul, torch.add, torch.sub, torch.div,
+               "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 
 
 def n_units(target: nn.Module, structure: str) -> int:
@@ -97,15 +100,22 @@ def channel_chain(graph, values: dict) -> list:
             break
         u = users[0]
         v = values.get(u)
-        if u.all_input_nodes != [cur] or not u.args or u.args[0] is not cur or not isinstance(v, torch.Tensor) \
-                or v.dim() < 2 or tuple(v.shape[:2]) != (N, C) or not _maps_channels(u, mods, values[cur]):
+        if u.all_input_nodes != [cur] or cur not in u.args or not isinstance(v, torch.Tensor) \
+                or v.dim() < 2 or tuple(v.shape[:2]) != (N, C) or not _maps_channels(u, mods, values[cur], cur):
             break
         chain.append(u)
     return chain
 
 
-def _maps_channels(n: fx.Node, mods: dict, before: torch.Tensor) -> bool:
-    """Whether node ``n`` maps each channel of its input on its own (the shape was checked)."""
+def _numbers_only(n: fx.Node, cur: fx.Node) -> bool:
+    """Every argument of ``n`` but ``cur`` is a number (or None, a bool): an element-wise map of cur."""
+    rest = [a for a in list(n.args) + list(n.kwargs.values()) if a is not cur]
+    return all(a is None or isinstance(a, (int, float, bool)) for a in rest)
+
+
+def _maps_channels(n: fx.Node, mods: dict, before: torch.Tensor, cur: fx.Node) -> bool:
+    """Whether node ``n`` maps each channel of its input ``cur`` on its own (the shape was checked):
+    the same map spelled as a module, a function or a method, numbers on either side."""
     if n.op == "call_module":
         if isinstance(mods[n.target], nn.modules.batchnorm._BatchNorm):
             bn_gain(mods[n.target], n.target)  # batch statistics: samples not independent, a ValueError
@@ -114,11 +124,11 @@ def _maps_channels(n: fx.Node, mods: dict, before: torch.Tensor) -> bool:
     f = n.target
     if f in (torch.flatten, "flatten", "view", "reshape"):
         return before[0].numel() == before.shape[1]  # one value per channel: the flatten keeps channel k at k
+    if f in _SCALAR_OPS:  # h + 1, 1 - h, h.mul(2), torch.add(h, 1)
+        return len(n.args) == 2 and not n.kwargs and _numbers_only(n, cur)
     if n.op == "call_function":
-        if f in _SCALAR_OPS:
-            return len(n.args) == 2 and isinstance(n.args[1], (int, float)) and not n.kwargs
-        return f in _CHANNEL_FUNCS
-    return n.op == "call_method" and f in _CHANNEL_METHODS
+        return f in _CHANNEL_FUNCS and _numbers_only(n, cur)
+    return n.op == "call_method" and f in _CHANNEL_METHODS and n.args[0] is cur and _numbers_only(n, cur)
 
 
 def _run_from(prop: Propagator, start, d: Delta, stop=None):
