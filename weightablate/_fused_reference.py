@@ -45,13 +45,7 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
         if head is None:
             pi = p.gather(1, i[:, None])[:, 0]
             qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
-            kl = torch.log1p(pi * _reference.phi(dd * qi) + qi * _reference.phi(-dd * pi))
-            a = dd.abs()  # numerics.h's unit_needs_logits, as in _reference.score_deltas
-            huge = (a > _reference.LOG_SPACE_MIN) & ((a > _reference.EXP_MAX) | (torch.minimum(pi, qi) < _reference.TINY_P))
-            if huge.any():
-                hot = torch.nn.functional.one_hot(i[huge], probs.shape[1]).bool()
-                x = dd[huge, None] * torch.where(hot, qi[huge, None], -pi[huge, None])
-                kl[huge] = _reference.log_mean_exp(logits[n[huge]], x)
+            kl = _reference.logits_layer_kl(dd, i, pi, qi, logits[n])
             dce = kl + dd * torch.where(i == y, -qi, pi)
         else:
             kl, dce = torch.zeros_like(dd), torch.zeros_like(dd)
@@ -75,19 +69,8 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
         if by_class:
             class_loss.view(-1).index_add_(0, k * C + y, dce)
         if flips:
-            cand = dd.abs() * rng >= margin[n]
-            if cand.any():
-                kc, nc, dc = k[cand], n[cand], dd[cand]
-                shifted = logits[nc].clone()
-                if head is None:
-                    shifted[torch.arange(nc.numel(), device=a_t.device), i[cand]] += dc
-                else:
-                    shifted = shifted + dc[:, None] * head[i[cand]]
-                now, pred, yc = shifted.argmax(1), top[nc], labels[nc]
-                flip = now != pred
-                n_flips.index_add_(0, kc, flip.long())
-                n_err.index_add_(0, kc, (flip & (pred == yc)).long())
-                n_corr.index_add_(0, kc, (flip & (now == yc)).long())
+            _reference.add_flips(dd.abs() * rng >= margin[n], k, n, dd, i, head, logits, top, labels,
+                                 (n_flips, n_err, n_corr))
     return dloss, dkl, n_flips, n_err, n_corr, active > 0, class_loss, exact, active
 
 

@@ -125,13 +125,7 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
         if head is None:
             pi = p.gather(1, i[:, None])[:, 0]
             qi = torch.where((i == top[n]) & (pi > 0.5), q_top[n], 1.0 - pi)
-            kl = torch.log1p(pi * phi(dd * qi) + qi * phi(-dd * pi))
-            a = dd.abs()
-            huge = (a > LOG_SPACE_MIN) & ((a > EXP_MAX) | (torch.minimum(pi, qi) < TINY_P))
-            if huge.any():  # numerics.h's unit_needs_logits; the shifts are d q_i at i and -d p_i elsewhere
-                hot = torch.nn.functional.one_hot(i[huge], C).bool()
-                x = dd[huge, None] * torch.where(hot, qi[huge, None], -pi[huge, None])
-                kl[huge] = log_mean_exp(logits[n[huge]], x)
+            kl = logits_layer_kl(dd, i, pi, qi, logits[n])
             dce = kl + dd * torch.where(i == y, -qi, pi)
             rng = torch.ones_like(dd) if C > 1 else torch.zeros_like(dd)
         else:
@@ -157,17 +151,38 @@ def score_deltas(d, unit, head, probs, logits, labels, moments, moment_slot, fli
             class_loss.view(-1).index_add_(0, k * C + y, dce)
         dkl.index_add_(0, k, kl)
         if flips:
-            cand = dd.abs() * rng >= margin[n]
-            if cand.any():
-                kc, nc, dc = k[cand], n[cand], dd[cand]
-                shifted = logits[nc].clone()
-                if head is None:
-                    shifted[torch.arange(nc.numel(), device=d.device), i[cand]] += dc
-                else:
-                    shifted = shifted + dc[:, None] * head[i[cand]]
-                now, pred, yc = shifted.argmax(1), top[nc], labels[nc]
-                flip = now != pred
-                n_flips.index_add_(0, kc, flip.long())
-                n_err.index_add_(0, kc, (flip & (pred == yc)).long())
-                n_corr.index_add_(0, kc, (flip & (now == yc)).long())
+            add_flips(dd.abs() * rng >= margin[n], k, n, dd, i, head, logits, top, labels, (n_flips, n_err, n_corr))
     return dloss, dkl, n_flips, n_err, n_corr, nonzero, class_loss
+
+
+def logits_layer_kl(dd, i, pi, qi, logits_n):
+    """KL of the logits layer's pairs (shift dd on logit i, p_i, q_i = 1 - p_i accurately; the
+    pairs' rows of logits): the two-term closed form, and from the logits where numerics.h's
+    unit_needs_logits says so (the shifts are d q_i at i and -d p_i elsewhere)."""
+    kl = torch.log1p(pi * phi(dd * qi) + qi * phi(-dd * pi))
+    a = dd.abs()
+    huge = (a > LOG_SPACE_MIN) & ((a > EXP_MAX) | (torch.minimum(pi, qi) < TINY_P))
+    if huge.any():
+        hot = torch.nn.functional.one_hot(i[huge], logits_n.shape[1]).bool()
+        x = dd[huge, None] * torch.where(hot, qi[huge, None], -pi[huge, None])
+        kl[huge] = log_mean_exp(logits_n[huge], x)
+    return kl
+
+
+def add_flips(cand, k, n, dd, i, head, logits, top, labels, counts) -> None:
+    """Resolve the flip candidates ``cand`` (pairs the margin test could not rule out) by argmax and
+    add them to ``counts`` = (flips, new_errors, new_correct) per weight."""
+    if not cand.any():
+        return
+    kc, nc, dc = k[cand], n[cand], dd[cand]
+    shifted = logits[nc].clone()
+    if head is None:
+        shifted[torch.arange(nc.numel(), device=dd.device), i[cand]] += dc
+    else:
+        shifted = shifted + dc[:, None] * head[i[cand]]
+    now, pred, yc = shifted.argmax(1), top[nc], labels[nc]
+    flip = now != pred
+    n_flips, n_err, n_corr = counts
+    n_flips.index_add_(0, kc, flip.long())
+    n_err.index_add_(0, kc, (flip & (pred == yc)).long())
+    n_corr.index_add_(0, kc, (flip & (now == yc)).long())

@@ -184,8 +184,9 @@ def _groups(nodes, gm, ptrs: dict | None):
 
     owner = {}
     for n in nodes:
-        if mutated(n, gm) is not None or _aliases_first_arg(n, gm):
-            parent[root(n)] = root(n.args[0] if mutated(n, gm) is None else mutated(n, gm))
+        written = mutated(n, gm)
+        if written is not None or _aliases_first_arg(n, gm):
+            parent[root(n)] = root(n.args[0] if written is None else written)
         for ptr in (ptrs or {}).get(n, ()):
             if ptr in owner:
                 parent[root(n)] = root(owner[ptr])
@@ -212,7 +213,7 @@ def functionalize(gm: fx.GraphModule, name: str, x: torch.Tensor) -> None:
             n.target = setitem
     nodes = list(gm.graph.nodes)
     order = {n: k for k, n in enumerate(nodes)}
-    writes = [(n, mutated(n, gm)) for n in nodes if mutated(n, gm) is not None]
+    writes = [(n, x) for n in nodes if (x := mutated(n, gm)) is not None]
     if not writes:
         return
     _refuse_outside_writes(writes, nodes, _groups(nodes, gm, None))  # before anything runs on the input
