@@ -213,7 +213,7 @@ def functionalize(gm: fx.GraphModule, name: str, x: torch.Tensor) -> None:
             n.target = setitem
     nodes = list(gm.graph.nodes)
     order = {n: k for k, n in enumerate(nodes)}
-    writes = [(n, x) for n in nodes if (x := mutated(n, gm)) is not None]
+    writes = [(n, w) for n in nodes if (w := mutated(n, gm)) is not None]
     if not writes:
         return
     _refuse_outside_writes(writes, nodes, _groups(nodes, gm, None))  # before anything runs on the input
