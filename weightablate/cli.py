@@ -41,8 +41,8 @@ def _weights_arg(text: str):
         return None
     try:
         return _positive(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} or 'all'") from None
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
 def _add_loading_args(p, batch_help: str, out: str) -> None:
