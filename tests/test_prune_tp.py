@@ -65,8 +65,8 @@ def tp_removal(model, name, k, X, y):
     return (after - before).sum().item(), (after - before).abs().sum().item()
 
 
-def check_against_tp(model, names, X, y, channels=(0, -1), methods=None):
-    imp = wp.ExactChannelImportance(model, (X, y), precision="float64")
+def check_against_tp(model, names, X, y, channels=(0, -1), methods=None, **kw):
+    imp = wp.ExactChannelImportance(model, (X, y), precision="float64", **kw)
     for name in names:
         scores = imp.exact(group_of(model, name, X[:1]))
         assert scores.dtype == torch.float64 and scores.shape == (model.get_submodule(name).weight.shape[0],)
@@ -82,7 +82,7 @@ def check_against_tp(model, names, X, y, channels=(0, -1), methods=None):
 def test_small_cnn_every_group_matches_torch_pruning():
     model = random_bn(CNN()).double()
     X, y = data((3, 8, 8))
-    check_against_tp(model, ["conv1", "conv2", "fc1"], X, y, channels=range(5),
+    check_against_tp(model, ["conv1", "conv2", "fc1"], X, y, channels=(0, 2, -1),
                      methods={"conv1": "ablate", "conv2": "ablate", "fc1": "ablate"})
 
 
@@ -92,8 +92,9 @@ def test_resnet18_groups_match_torch_pruning_residual_ones_included():
     model = random_bn(torchvision.models.resnet18(num_classes=4)).double()
     X, y = data((3, 16, 16), n=3)
     # layer1.0.conv1: a plain chain (ablate); conv1 and layer2.0.downsample.0: channels of a residual
-    # stream, removed from every coupled layer by Torch-Pruning (the replay)
-    check_against_tp(model, ["layer1.0.conv1", "conv1", "layer2.0.downsample.0"], X, y, channels=(3, -1),
+    # stream, removed from every coupled layer by Torch-Pruning (the replay). The comparison with
+    # Torch-Pruning is the check here: ablate's own self-check is skipped to keep the test short.
+    check_against_tp(model, ["layer1.0.conv1", "conv1", "layer2.0.downsample.0"], X, y, channels=(3,), verify=False,
                      methods={"layer1.0.conv1": "ablate", "conv1": "replay", "layer2.0.downsample.0": "replay"})
 
 
