@@ -181,14 +181,19 @@ def test_in(layer):
     check(res, removal(m, X, y, range(n), lambda mm, j: zero_in(getattr(mm, layer), j)))
 
 
-def test_residual_add_sees_zero():
-    """The channel meets the skip at the add: the add sees zero from it (its BN channel removed),
+def test_residual_add_out_is_refused_branch_sees_zero():
+    """The channel meets the skip at the add, which carries channel k on: "out" (removing the channel
+    from this layer alone) is refused; "branch": the add sees zero from it (its BN channel removed),
     the skip's channel stays; the change then goes through the add's ReLU and pooling (funnel)."""
     m = Residual().eval()
     X, y = data((3, 6, 6))
-    res = run(m, "conv", X, y, "out")
-    assert res.method == "funnel" and "'bn'" in res.head
+    with pytest.raises(ValueError, match="output channels of layer 'conv' meet 'relu' in the add 'add'.*"
+                                         "ExactChannelImportance.*structure='branch'"):
+        run(m, "conv", X, y, "out")
+    res = run(m, "conv", X, y, "branch")
+    assert res.method == "funnel" and "'bn'" in res.head and res.structure == "branch"
     check(res, removal(m, X, y, range(6), lambda mm, k: zero_out(mm.conv, k, mm.bn)))
+    assert list(res.coords()) == ["out"]
 
 
 def test_model_precision_and_unit_sample():
@@ -267,7 +272,7 @@ def test_resnet18_layer4_and_layer3():
             mod.bias.data.uniform_(-0.2, 0.2)
     X, y = data((3, 32, 32), n=6, classes=10)
     units = torch.tensor([0, 17, 300, 511])
-    res = run(net, "layer4.1.conv2", X, y, "out", weights=units)
+    res = run(net, "layer4.1.conv2", X, y, "branch", weights=units)  # meets the residual add
     assert res.method == "funnel", res.head
     check(res, removal(net, X, y, units.tolist(),
                        lambda mm, k: zero_out(mm.layer4[1].conv2, k, mm.layer4[1].bn2)))
@@ -285,8 +290,8 @@ def test_self_check_catches_a_wrong_change(monkeypatch):
                         lambda self, units: (lambda d: Delta(0.5 * d.t, d.idx, d.size))(right(self, units)))
     m = Residual().eval()
     X, y = data((3, 6, 6))
-    with pytest.raises(wa.VerificationError, match="structure='out'.*unit"):
-        wa.ablate(m, "conv", (X, y), structure="out")
+    with pytest.raises(wa.VerificationError, match="structure='branch'.*unit"):
+        wa.ablate(m, "conv", (X, y), structure="branch")
 
 
 def test_cli_run_structure_out(tmp_path, capsys):
