@@ -68,12 +68,13 @@ def tp_removal(model, name, k, X, y):
 def check_against_tp(model, names, X, y, channels=(0, -1), methods=None, **kw):
     imp = wp.ExactChannelImportance(model, (X, y), precision="float64", **kw)
     for name in names:
-        scores = imp.exact(group_of(model, name, X[:1]))
-        assert scores.dtype == torch.float64 and scores.shape == (model.get_submodule(name).weight.shape[0],)
-        for k in channels:
-            k = k % len(scores)
+        n = model.get_submodule(name).weight.shape[0]
+        ks = [k % n for k in channels]
+        scores = imp.exact(group_of(model, name, X[:1]), channels=ks)
+        assert scores.dtype == torch.float64 and scores.shape == (len(ks),)
+        for k, score in zip(ks, scores.tolist()):
             want, scale = tp_removal(model, name, k, X, y)
-            assert abs(scores[k].item() - want) <= RTOL * abs(want) + 1e-13 * scale, (name, k, scores[k].item(), want)
+            assert abs(score - want) <= RTOL * abs(want) + 1e-13 * scale, (name, k, score, want)
     if methods:
         assert {n: imp.methods[n] for n in names} == methods
     return imp
@@ -82,8 +83,12 @@ def check_against_tp(model, names, X, y, channels=(0, -1), methods=None, **kw):
 def test_small_cnn_every_group_matches_torch_pruning():
     model = random_bn(CNN()).double()
     X, y = data((3, 8, 8))
-    check_against_tp(model, ["conv1", "conv2", "fc1"], X, y, channels=(0, 2, -1),
-                     methods={"conv1": "ablate", "conv2": "ablate", "fc1": "ablate"})
+    imp = check_against_tp(model, ["conv1", "conv2", "fc1"], X, y, channels=(0, 2, -1),
+                           methods={"conv1": "ablate", "conv2": "ablate", "fc1": "ablate"})
+    every = imp.exact(group_of(model, "conv2", X[:1]))
+    assert every.shape == (5,) and torch.equal(every[[3, 1]], imp.exact(group_of(model, "conv2", X[:1]), [3, 1]))
+    with pytest.raises(ValueError, match="channels: .* not all channels of 'conv2'"):
+        imp.exact(group_of(model, "conv2", X[:1]), [5])
 
 
 def test_resnet18_groups_match_torch_pruning_residual_ones_included():
@@ -193,3 +198,14 @@ def test_float32_scores_follow_float64_and_the_model_is_untouched():
     s64 = wp.ExactChannelImportance(model, (X, y), precision="float64").exact(g)
     assert torch.allclose(s32, s64, rtol=1e-3, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_mobilenet_v3_small_depthwise_and_squeeze_excitation_groups_match_torch_pruning():
+    """The expand conv's channels run through the depthwise conv and the SE gate (pooling -> fc1, and
+    the product): Torch-Pruning removes the channel from all of them; so does the replay."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = random_bn(torchvision.models.mobilenet_v3_small(num_classes=4)).double()
+    X, y = data((3, 32, 32), n=3)
+    check_against_tp(model, ["features.9.block.0.0", "features.9.block.1.0"], X, y, channels=(5,),
+                     methods={"features.9.block.0.0": "replay", "features.9.block.1.0": "replay"})

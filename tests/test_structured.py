@@ -386,3 +386,27 @@ def test_out_does_not_depend_on_how_a_map_is_spelled(spelling):
             m.fc2.weight[:, unit] = 0
             removed = F.cross_entropy(m(X.double()), y, reduction="sum").item()
         assert abs(r.delta_loss[k].item() - (removed - base)) <= 1e-9 * abs(removed - base) + 1e-12
+
+
+def test_the_only_path_to_a_class_and_a_dead_conv_channel():
+    """Class 2's logit reads hidden unit 7 alone: removing it leaves the logit at its bias. A conv
+    channel dead on every sample (ReLU of a negative constant) removes exactly nothing."""
+    m = mlp()
+    with torch.no_grad():
+        m[4].weight[2] = 0
+        m[4].weight[2, 7] = 3.0
+    X, y = data((8,))
+    res = run(m, "2", X, y, "out")
+    check(res, removal(m, X, y, range(12), lambda mm, k: zero_out(mm[2], k)))
+    others = torch.cat([res.delta_loss[:7], res.delta_loss[8:]]).abs().max()
+    assert res.flips[7] > 0 and res.delta_loss[7].abs() > others  # the class loses its only evidence
+
+    c = cnn()
+    with torch.no_grad():
+        c.conv1.weight[4] = 0
+        c.conv1.bias[4] = -1.0
+        c.bn1.running_mean[4], c.bn1.running_var[4], c.bn1.weight[4], c.bn1.bias[4] = 0.0, 1.0, 1.0, -2.0
+    X, y = data((3, 8, 8))
+    res = run(c, "conv1", X, y, "out")
+    check(res, removal(c, X, y, range(8), lambda mm, k: zero_out(mm.conv1, k, mm.bn1)))
+    assert res.exact_zero[4] and res.delta_loss[4] == 0 and not res.exact_zero[3]

@@ -67,7 +67,7 @@ class GroupPlan:
         if not isinstance(self.root_module, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(root.dep.handler):
             raise UnscorableGroup(f"the root {self.root!r} is not a Conv2d/Linear pruned on its outputs")
         self.channels = list(root.idxs)
-        where = {r: i for i, r in enumerate(root.root_idxs if root.root_idxs is not None else root.idxs)}
+        self.where = where = {r: i for i, r in enumerate(root.root_idxs if root.root_idxs is not None else root.idxs)}
         self.consumers, producers = {}, set()
         for item in group:
             dep, m, kind = item.dep, item.dep.target.module, item.dep.target.type
@@ -196,28 +196,33 @@ class ExactChannelImportance:
         names = {id(m): n for n, m in self.model.named_modules()}
         return GroupPlan(group, names, self._outputs)
 
-    def exact(self, group) -> torch.Tensor:
-        """The exact delta_loss of each root channel (float64, CPU, in the order of ``group[0].idxs``)."""
+    def exact(self, group, channels=None) -> torch.Tensor:
+        """The exact delta_loss of each root channel (float64, CPU, in the order of ``group[0].idxs``),
+        or of the root channels ``channels`` only (a list of channel indices, in that order)."""
         from .api import ablate
 
         plan = self.plan(group)
+        chosen = plan.channels if channels is None else [int(c) for c in channels]
+        if any(c not in plan.where for c in chosen):
+            raise ValueError(f"channels: {chosen} are not all channels of {plan.root!r}'s group "
+                             f"(0..{max(plan.where)})")
         if plan.simple:
-            units = torch.as_tensor(plan.channels, dtype=torch.long)
             kwargs = {"progress": False, **self.ablate_kwargs}
             try:
-                res = ablate(self.model, plan.root, self.data, weights=units, metrics=("loss",), structure="out",
-                             **kwargs)
+                res = ablate(self.model, plan.root, self.data, weights=torch.as_tensor(chosen, dtype=torch.long),
+                             metrics=("loss",), structure="out", **kwargs)
             except (ValueError, TypeError) as exc:
                 warnings.warn(f"ExactChannelImportance: {plan.root!r}: ablate could not score it ({exc}); "
                               "replaying instead", UnscorableGroupWarning, stacklevel=2)
             else:
                 self.methods[plan.root] = "ablate"
                 order = {int(u): i for i, u in enumerate(res.indices.reshape(-1).tolist())}
-                return res.delta_loss.double().cpu()[[order[c] for c in plan.channels]]
+                return res.delta_loss.double().cpu()[[order[c] for c in chosen]]
         self.methods[plan.root] = "replay"
         dtype = torch.float64 if self.ablate_kwargs.get("precision") == "float64" else None
-        return replay_delta_loss(self.model, plan.consumers, self.data, dtype=dtype,
-                                 batch_size=self.ablate_kwargs.get("batch_size"))
+        rows = [plan.where[c] for c in chosen]
+        return replay_delta_loss(self.model, {n: m[rows] for n, m in plan.consumers.items()}, self.data,
+                                 dtype=dtype, batch_size=self.ablate_kwargs.get("batch_size"))
 
     def __call__(self, group, **_) -> torch.Tensor | None:
         try:
