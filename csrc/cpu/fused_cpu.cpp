@@ -172,7 +172,7 @@ struct FusedArgs {
 
 // Per-(run, tile) values of one unit, and the per-weight results of the tile's marked pairs.
 struct Tile {
-  double u[kTile], ck[kMaxOrder][kTile], gap[kTile], cap[kTile], qe[kTile];
+  double u[kTile], ck[kMaxOrder][kTile], gap[kTile], cap[kTile], tc[kTile];
   double dv[kNear][kTile], gn[kNear][kTile], hi[kTile], lo[kTile], rest[kTile];  // the flip test
   double d[kTile], dce[kTile];
   int64_t code[kTile];  // bit 0: KL not done by the loop; bit 1: flip candidate (64-bit: one lane width)
@@ -183,6 +183,37 @@ struct Sums {
   double loss = 0.0, kl = 0.0;
   int64_t flips = 0, err = 0, corr = 0, exact = 0, active = 0;
 };
+
+// The moment path's certificate for one (unit, sample): KL's truncation error <= tc |d|^(D+1), and
+// the pair is certified when that is <= cap d^2 (cap = kMomentCertTol x var / 2 ~ that share of the KL;
+// cap < 0: var fails its gate, nothing is certified). tc is the smaller of two bounds on the
+// remainder sum_c p_c R(y_c), y_c = d (v_c - v_top), |y_c| <= x = |d| range <= 1/2, with
+// |R(y)| <= e^x |y|^(D+1) / (D+1)! and the log's 1/(1 + S) <= e^(1/2):
+//   q range^(D+1) e^1.5 / (D+1)!                    (|y_c| <= x for every class)
+//   range^(D+1-E) mu_E e^1.5 / (D+1)!, E = D or D-1 even (|y_c|^(D+1) <= |y_c|^E x^(D+1-E))
+// mu_E = sum_c p_c (v_c - v_top)^E >= 0 taken with its rounding bound added: the second is often
+// ~100x smaller (the widest class gap is rare), which certifies pairs with x up to ~3x larger.
+struct Cert {
+  double tc, cap;
+};
+
+WA_INLINE Cert certificate(const double* moments, int64_t M, int64_t N, int64_t slot, int64_t n, int D, double q,
+                           double rg, int64_t C) {
+  const double m1 = moments[slot * N + n], m2 = moments[(M + slot) * N + n];
+  const double var = m2 - m1 * m1;
+  const bool gate = q == 0.0 || (q > kMinQ && var >= kMomentMinVarRatio * 4.0 * q * rg * rg);
+  const int E = D % 2 == 0 ? D : D - 1;
+  const double muE = moments[((E - 1) * M + slot) * N + n];
+  double rE = 1.0;
+  for (int k = 0; k < E; ++k) rE *= rg;
+  // top_moments' rounding: a (C + 2E + 4)-term sum of terms within 2^E q range^E, unit roundoff 1.1e-16
+  const double mu_bound = std::fmax(muE, 0.0) + static_cast<double>(C + 2 * E + 4) * 4.4e-16 * (1 << E) * q * rE;
+  double rest = 1.0;
+  for (int k = E; k <= D; ++k) rest *= rg;  // range^(D+1-E)
+  const double coef = std::exp(1.5) * kInvFact[D + 1];
+  const double tc = std::fmin(q * rE * rest, mu_bound * rest) * coef;
+  return {tc, gate ? kMomentCertTol * 0.5 * var : -1.0};
+}
 
 // The flip test's per-sample values for unit i (v = e_i without a head: the margin test).
 WA_INLINE void lay_out_flips(const FusedArgs& a, Tile& t, int64_t i, int64_t n0, int64_t nt) {
@@ -224,7 +255,7 @@ WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, 
   lay_out_flips(a, t, i, n0, nt);
   if (slot < 0 || !a.head) {
     for (int k = 0; k < D; ++k) std::fill(t.ck[k], t.ck[k] + nt, 0.0);
-    std::fill(t.gap, t.gap + nt, 0.0), std::fill(t.qe, t.qe + nt, 0.0), std::fill(t.cap, t.cap + nt, -1.0);
+    std::fill(t.gap, t.gap + nt, 0.0), std::fill(t.tc, t.tc + nt, 0.0), std::fill(t.cap, t.cap + nt, -1.0);
     return;
   }
   for (int k = 0; k < D; ++k) {
@@ -232,17 +263,12 @@ WA_INLINE void lay_out_tile(const FusedArgs& a, Tile& t, const double* z_row_d, 
     for (int64_t n = 0; n < nt; ++n) t.ck[k][n] = mk[n] * kInvFact[k + 1];
   }
   const double* gp = a.gap + slot * N + n0;
-  // certificate: truncation tail q e^x x^(D+1)/(D+1)! (e^x <= e for x <= 1/2, the 1/(1+S) of the
-  // log <= e^(1/2) more: e^1.5) <= kMomentCertTol x d^2 var / 2; and var must be well above the
-  // rounding of mu2 - mu1^2 (~1e-16 x 4 q range^2: the binomial shift to the top class)
-  const double tail_coef = std::exp(1.5) * kInvFact[D + 1];
   for (int64_t n = 0; n < nt; ++n) {
-    const double m1 = t.ck[0][n], m2 = 2.0 * t.ck[1][n], q = a.st->q[n0 + n];
-    const double var = m2 - m1 * m1;
-    const bool gate = q == 0.0 || (q > kMinQ && var >= kMomentMinVarRatio * 4.0 * q * rg * rg);
+    const double q = a.st->q[n0 + n];
+    const Cert c = certificate(a.moments, a.M, N, slot, n0 + n, D, q, rg, a.C);
     t.gap[n] = gp[n];
-    t.qe[n] = q * tail_coef;
-    t.cap[n] = gate ? kMomentCertTol * 0.5 * var : -1.0;
+    t.tc[n] = c.tc;
+    t.cap[n] = c.cap;
   }
 }
 
@@ -265,13 +291,13 @@ WA_CLONES void weight_tile(Tile& t, const scalar_t* a_row, double wk, double g, 
     const double s2 = d2 * h, s = std::fma(d, t.ck[0][n], s2);
     const double kl = s2 + log1p_minus_9(s);
     const double dce = std::fma(d, t.gap[n], kl);
-    double xp = x;
+    double dp = ad;
 #pragma GCC unroll 8
-    for (int k = 0; k < D; ++k) xp *= x;  // x^(D+1)
+    for (int k = 0; k < D; ++k) dp *= ad;  // |d|^(D+1)
     // every load and comparison unconditional (& and |, not && and ||): the loop if-converts
-    const double qe = t.qe[n], cap = t.cap[n], hi = t.hi[n], lo = t.lo[n], rest = t.rest[n];
+    const double tc = t.tc[n], cap = t.cap[n], hi = t.hi[n], lo = t.lo[n], rest = t.rest[n];
     const bool nz = d != 0.0;
-    const bool ok = (x <= 0.5) & (std::fabs(s) <= kLogSeriesMax) & (xp * qe <= d2 * cap);
+    const bool ok = (x <= 0.5) & (std::fabs(s) <= kLogSeriesMax) & (dp * tc <= d2 * cap);
     const double slack = ad * vs;  // the rounding of d v_c, d v_top
     const double side = d > 0 ? d * hi : -d * lo;
     bool cand = side + slack >= rest;
@@ -305,10 +331,10 @@ WA_INLINE void resolve_marked(const FusedArgs& a, Tile& t, int D, int64_t i, con
     const int64_t sample = n0 + n, y = a.labels[sample];
     if (t.code[n] & 1) {
       Pair r;
-      const double x = std::fabs(d) * range, d2 = d * d;
-      double xp = x;
-      for (int q = 0; q < D; ++q) xp *= x;
-      if (v && x <= 0.5 && xp * t.qe[n] <= d2 * t.cap[n]) {
+      const double ad = std::fabs(d), x = ad * range, d2 = d * d;
+      double dp = ad;
+      for (int q = 0; q < D; ++q) dp *= ad;
+      if (v && x <= 0.5 && dp * t.tc[n] <= d2 * t.cap[n]) {
         double h = t.ck[D - 1][n];
         for (int q = D - 2; q >= 1; --q) h = std::fma(h, d, t.ck[q][n]);
         const double s2 = d2 * h, sm = std::fma(d, t.ck[0][n], s2);
