@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -775,9 +776,14 @@ FusedOutputs fused_scores_cpu(const at::Tensor& a_t, const at::Tensor& z_t, cons
   // while the block's per-weight sums stay in cache
   constexpr int64_t kBlockWeights = 1 << 14;
   const int64_t grain = std::max<int64_t>(1, n_runs * kBlockWeights / sz.K);
+  // blocks handed out one at a time (not a fixed share per thread): on a shared machine a thread
+  // that loses its core for a while leaves its blocks to the others instead of the call waiting for it
+  const int64_t n_blocks = (n_runs + grain - 1) / grain;
+  std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "fused_scores_cpu", [&] {
-    at::parallel_for(0, n_runs, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; b += grain) fused_runs(args, b, std::min(end, b + grain), scalar_t{});
+    at::parallel_for(0, std::min<int64_t>(n_blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t b = next++; b < n_blocks; b = next++)
+        fused_runs(args, b * grain, std::min(n_runs, (b + 1) * grain), scalar_t{});
     });
   });
   const int64_t* ap = active.data_ptr<int64_t>();
