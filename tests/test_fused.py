@@ -355,3 +355,15 @@ def test_sparse_selection_and_elementwise_keep_two_stage():
     gelu = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 5))
     assert "fused" not in wa.ablate(gelu, "0", (X, y), progress=False).extra
     assert "fused" not in wa.ablate(model, "2", (X, y), param="bias", progress=False).extra
+
+
+def test_result_that_would_not_fit_is_refused_before_the_sweep(monkeypatch):
+    from weightablate import memory
+
+    model = mlp(8, 12, 5)
+    X, y = torch.randn(20, 8), torch.randint(0, 5, (20,))
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"weights: the result for 144 weights x 5 classes \(by_class=True\)"):
+        wa.ablate(model, "2", (X, y), by_class=True, progress=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # unknown: no check
+    assert len(wa.ablate(model, "2", (X, y), progress=False)) == 144
