@@ -114,12 +114,15 @@ def floors(wl, n):
     torch.set_num_threads(1)
     try:
         cpu = min(cpu_timed(lambda: ops.fused_scores("cpu", *args, True, False)) for _ in range(2))
+        # by_class=True keeps the kernel's tile path (lanes across samples, as before the row path)
+        cpu_tile = cpu_timed(lambda: ops.fused_scores("cpu", *args, True, True))
         cpu_mom = cpu_timed(lambda: top_moments(V, slot, probs, logits, y, closed_form.MOMENT_ORDER))
         cpu_cap = cpu_timed(lambda: capture(wl.model, target, wl.layer, X))
     finally:
         torch.set_num_threads(threads)
     return dict(capture=t_cap, moments=t_mom, gflops=gflops, ns_kernel=ns_kernel, active=active,
-                cpu_kernel=cpu / (flat.numel() * n) * 1e9, cpu_moments=cpu_mom, cpu_capture=cpu_cap)
+                cpu_kernel=cpu / (flat.numel() * n) * 1e9, cpu_tile=cpu_tile / (flat.numel() * n) * 1e9,
+                cpu_moments=cpu_mom, cpu_capture=cpu_cap)
 
 
 def cpu_timed(fn) -> float:
@@ -152,7 +155,8 @@ def alexnet(args):
     from_run = batches * (f["capture"] + f["moments"]) + measured * 1e-9 * UNITS * INPUTS * FULL_SAMPLES
     cores = os.cpu_count() or 1
     cpu_full = batches * (f["cpu_capture"] + f["cpu_moments"]) + f["cpu_kernel"] * 1e-9 * UNITS * INPUTS * FULL_SAMPLES
-    print(f"  one thread, CPU time: kernel {f['cpu_kernel']:.3f} ns per pair, moments of all {UNITS} units "
+    print(f"  one thread, CPU time: kernel {f['cpu_kernel']:.3f} ns per pair (tile path, by_class=True: "
+          f"{f['cpu_tile']:.3f} ns, {f['cpu_tile'] / f['cpu_kernel']:.1f}x), moments of all {UNITS} units "
           f"{f['cpu_moments']:.2f} s, capture {f['cpu_capture']:.2f} s per batch; whole layer x {FULL_SAMPLES:,} "
           f"samples: {cpu_full:.0f} CPU seconds, {cpu_full / cores:.0f} s on {cores} cores if they were free")
     print(f"  whole layer ({UNITS * INPUTS:,} weights) x {FULL_SAMPLES:,} samples, extrapolated: "

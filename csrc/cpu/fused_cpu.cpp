@@ -485,7 +485,7 @@ WA_CLONES int64_t row_pass(const RowSample* rs, const scalar_t* const* arow, con
     const double wk = static_cast<double>(w[j]);
     double sum_loss = 0.0, sum_kl = 0.0;
     int64_t act = 0, m = 0;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       // leaky_d: du = -g (w a), up = u + du; on: up > 0 ? du : sl up - u; off: up > 0 ? up - sl u : sl du
       const double du = ng * (wk * static_cast<double>(ar[s][j])), up = u[s] + du;
