@@ -115,6 +115,7 @@ def floors(wl, n):
     try:
         cpu = min(cpu_timed(lambda: ops.fused_scores("cpu", *args, True, False)) for _ in range(2))
         # by_class=True keeps the kernel's tile path (lanes across samples, as before the row path)
+        # and adds the per-class sums: what a whole-row sweep with by_class costs
         cpu_tile = cpu_timed(lambda: ops.fused_scores("cpu", *args, True, True))
         cpu_mom = cpu_timed(lambda: top_moments(V, slot, probs, logits, y, closed_form.MOMENT_ORDER))
         cpu_cap = cpu_timed(lambda: capture(wl.model, target, wl.layer, X))
