@@ -6,7 +6,8 @@
 // divided by k!, the certificate's scale); then each weight of the run is one vectorised loop over
 // the tile, lanes across samples. Pairs the loop cannot finish (series not certified, or a flip
 // candidate) are marked and resolved one by one after it: the scalar moment path, else the exact
-// O(C) loop, which is counted (exact_pairs).
+// O(C) loop, which is counted (exact_pairs). Runs that are whole rows (kRowMin+ consecutive inputs)
+// take the row path instead (below): lanes across the run's weights, a few samples per pass.
 #pragma GCC optimize("fp-contract=off")  // d bit-identical to pair_deltas; the series' FMAs are explicit
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
