@@ -85,7 +85,7 @@ def interleaved(label, fns, rounds, best=False):
 
 def floors(wl, n):
     """Per batch of n samples: the capture (one forward), the moments of all 4096 units, the
-    float64 matmul rate; and the kernel alone on one row (ns per pair)."""
+    float64 matmul rate; the kernel alone on 64 rows (ns per pair, wall and one thread's CPU time)."""
     X, y = wl.X[:n], wl.y[:n]
     target = wl.model.get_submodule(wl.layer)
     t_cap, cap = timed(lambda: capture(wl.model, target, wl.layer, X))
@@ -98,7 +98,7 @@ def floors(wl, n):
     t_mm = min(timed(lambda: A @ B)[0] for _ in range(3))
     gflops = 2 * A.shape[0] * A.shape[1] * B.shape[1] / t_mm / 1e9
     # the kernel alone: rows 0..R-1 on this batch (moments already computed)
-    R = 16
+    R = 64
     flat = torch.arange(R * INPUTS)
     rows, cols = flat // INPUTS, flat % INPUTS
     a_t, z_t = cap.a.t().contiguous(), cap.z.t().contiguous()
@@ -109,7 +109,28 @@ def floors(wl, n):
     t_k = min(t_k, timed(lambda: ops.fused_scores("cpu", *args, True, False))[0])
     ns_kernel = t_k / (flat.numel() * n) * 1e9
     active = float(out[8].sum()) / (flat.numel() * n)
-    return dict(capture=t_cap, moments=t_mom, gflops=gflops, ns_kernel=ns_kernel, active=active)
+    # CPU time on one thread: what a core spends per pair, whatever else shares the machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu = min(cpu_timed(lambda: ops.fused_scores("cpu", *args, True, False)) for _ in range(2))
+        # by_class=True keeps the kernel's tile path (lanes across samples, as before the row path)
+        # and adds the per-class sums: what a whole-row sweep with by_class costs
+        cpu_tile = cpu_timed(lambda: ops.fused_scores("cpu", *args, True, True))
+        cpu_mom = cpu_timed(lambda: top_moments(V, slot, probs, logits, y, closed_form.MOMENT_ORDER))
+        cpu_cap = cpu_timed(lambda: capture(wl.model, target, wl.layer, X))
+    finally:
+        torch.set_num_threads(threads)
+    return dict(capture=t_cap, moments=t_mom, gflops=gflops, ns_kernel=ns_kernel, active=active,
+                cpu_kernel=cpu / (flat.numel() * n) * 1e9, cpu_tile=cpu_tile / (flat.numel() * n) * 1e9,
+                cpu_moments=cpu_mom, cpu_capture=cpu_cap)
+
+
+def cpu_timed(fn) -> float:
+    """CPU seconds of this process while fn runs (one thread: no other thread's spinning counted)."""
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
 
 
 def alexnet(args):
@@ -118,9 +139,11 @@ def alexnet(args):
     print(f"alexnet FC2: rows 0..{args.rows - 1} ({args.rows * INPUTS:,} weights) x {N:,} samples, "
           f"batches of {bs}")
     flat = torch.arange(args.rows * INPUTS)
+    c0 = time.process_time()
     t, r = timed(lambda: ablate(wl, flat, bs))
+    c = time.process_time() - c0
     pairs = flat.numel() * N
-    print(f"  fused: {t:.2f} s, {t / pairs * 1e9:.3f} ns per pair; exact-loop fraction "
+    print(f"  fused: {t:.2f} s, {t / pairs * 1e9:.3f} ns per pair (CPU {c:.1f} s over all threads); exact-loop fraction "
           f"{r.extra['exact_fraction']:.2e} of {r.extra['active_pairs'] / pairs:.1%} active pairs")
     f = floors(wl, bs)
     print(f"  per batch of {bs}: capture {f['capture']:.2f} s, moments of all {UNITS} units "
@@ -131,6 +154,12 @@ def alexnet(args):
     full = batches * (f["capture"] + f["moments"]) + kernel_full
     measured = (t - (N / bs) * (f["capture"] + f["moments"] * args.rows / UNITS)) / pairs * 1e9
     from_run = batches * (f["capture"] + f["moments"]) + measured * 1e-9 * UNITS * INPUTS * FULL_SAMPLES
+    cores = os.cpu_count() or 1
+    cpu_full = batches * (f["cpu_capture"] + f["cpu_moments"]) + f["cpu_kernel"] * 1e-9 * UNITS * INPUTS * FULL_SAMPLES
+    print(f"  one thread, CPU time: kernel {f['cpu_kernel']:.3f} ns per pair (tile path, by_class=True: "
+          f"{f['cpu_tile']:.3f} ns, {f['cpu_tile'] / f['cpu_kernel']:.1f}x), moments of all {UNITS} units "
+          f"{f['cpu_moments']:.2f} s, capture {f['cpu_capture']:.2f} s per batch; whole layer x {FULL_SAMPLES:,} "
+          f"samples: {cpu_full:.0f} CPU seconds, {cpu_full / cores:.0f} s on {cores} cores if they were free")
     print(f"  whole layer ({UNITS * INPUTS:,} weights) x {FULL_SAMPLES:,} samples, extrapolated: "
           f"{full:.0f} s from the parts (capture + moments {batches * (f['capture'] + f['moments']):.0f} s, "
           f"kernel {kernel_full:.0f} s); {from_run:.0f} s from the run's own per-pair time "

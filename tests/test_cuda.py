@@ -57,3 +57,24 @@ def test_cuda_matches_float64_oracle(head, mode):
     err = (r.delta_loss - ref["delta_loss"]).abs()
     assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all()
     assert torch.equal(r.flips, ref["flips"]) and torch.equal(r.exact_zero, ref["exact_zero"])
+
+
+@pytest.mark.parametrize("case", [(7, 5, 33, 10, None, 0.02, True), (4, 40, 70, 101, None, 0.05, True),
+                                  (4, 40, 70, 101, None, 1.5, True), (3, 33, 20, 1000, None, 0.02, True),
+                                  (10, 20, 50, 10, None, 0.3, False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("by_class", [False, True])
+def test_fused_scores_cuda_matches_cpu(case, dtype, by_class):
+    """The GPU's fused kernel against the CPU's (the GPU's libm may differ in the last bits: the
+    sums to rounding; the exact-loop and flip counts must agree)."""
+    from test_fused import assert_same_scores as same_fused
+    from test_fused import fused_inputs, with_moments
+
+    I, J, N, C, K, scale, head = case
+    args = fused_inputs(I, J, N, C, K, dtype=dtype, scale=scale, head=head, seed=J + C)
+    extra = with_moments(args)
+    poison()
+    got = [t.cpu() for t in OPS.fused_scores(*cuda(args), *cuda(extra), True, by_class)]
+    ref = OPS.fused_scores(*args, *extra, True, by_class)
+    same_fused(got[:7], ref[:7])
+    assert torch.equal(got[7], ref[7]) and torch.equal(got[8], ref[8])

@@ -29,7 +29,7 @@ def emu():
     from torch.utils import cpp_extension
 
     lib = torch.library.Library("weightablate_emulated", "DEF")
-    for op in ("pair_deltas", "score_deltas"):  # the real ops' schemas, so both stay in step
+    for op in ("pair_deltas", "score_deltas", "fused_scores"):  # the real ops' schemas, so both stay in step
         lib.define(str(getattr(OPS, op).default._schema).split("::", 1)[1])
     flags = ["-O2"]
     build = os.path.join(ROOT, "build", "cuda_emulator")
@@ -119,6 +119,7 @@ def cpu_runs_emulated(emu, monkeypatch):
 
     monkeypatch.setattr(ops, "pair_deltas", route(pair, emu.pair_deltas))
     monkeypatch.setattr(ops, "score_deltas", route(score, emu.score_deltas))
+    monkeypatch.setattr(ops, "fused_scores", route(ops.fused_scores, emu.fused_scores))
     yield calls
 
 
@@ -168,3 +169,61 @@ def test_emulated_any_layer_matches_float64_oracle(cpu_runs_emulated, case):
     ok, rel = close(r, ref, 1e-5)
     assert ok, rel.max()
     assert torch.equal(r.flips, ref["flips"]) and torch.equal(r.exact_zero, ref["exact_zero"])
+
+
+# ------------------------------------------------------------------------- the fused kernel
+
+FUSED_CASES = [  # I, J, N, C, K, scale, head
+    (1, 1, 1, 2, None, 1.0, True),
+    (7, 5, 33, 10, None, 0.02, True),
+    (4, 40, 70, 101, None, 0.05, True),  # whole rows: the CPU kernel's row path
+    (4, 40, 70, 101, None, 1.5, True),  # large d: the exact loop
+    (16, 24, 60, 30, 150, 0.3, True),  # a sparse selection
+    (3, 33, 20, 1000, None, 0.02, True),
+    (10, 20, 50, 10, None, 0.3, False),  # logits layer
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("by_class", [False, True])
+def test_fused_scores_emulated_matches_cpu(emu, case, dtype, by_class):
+    from test_fused import assert_same_scores as same_fused
+    from test_fused import fused_inputs, with_moments
+
+    I, J, N, C, K, scale, head = case
+    args = fused_inputs(I, J, N, C, K, dtype=dtype, scale=scale, head=head, seed=J + C)
+    extra = with_moments(args)
+    got, ref = emu.fused_scores(*args, *extra, True, by_class), OPS.fused_scores(*args, *extra, True, by_class)
+    same_fused(got[:7], ref[:7])
+    assert torch.equal(got[7], ref[7]) and torch.equal(got[8], ref[8])  # the same pairs on the exact loop
+    if head:  # units without moments: every active pair on the exact loop
+        none = emu.fused_scores(*args, None, None, None, True, by_class)
+        assert torch.equal(none[7], none[8])
+        same_fused(none[:7], ref[:7])
+
+
+def test_fused_scores_emulated_out_of_range_stops_the_kernel(emu):
+    from test_fused import fused_inputs, with_moments
+
+    args = fused_inputs(3, 4, 10, 5, scale=0.1)
+    extra = with_moments(args)
+    args[11] = args[11].clone()
+    args[11][2] = 5  # a label out of range
+    with pytest.raises(RuntimeError, match="assertion"):
+        emu.fused_scores(*args, *extra, True, False)
+
+
+def test_emulated_fused_whole_rows_match_float64_oracle(cpu_runs_emulated):
+    """ablate on whole rows takes fused_scores: here the emulated CUDA kernel."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
+                                torch.nn.Linear(40, 30)).eval()
+    X, y = torch.randn(60, 12) * 2, torch.randint(0, 30, (60,))
+    r = wa.ablate(model, "2", (X, y), backend="cpu", precision="float64", progress=False)
+    assert r.extra["fused"] and cpu_runs_emulated, "the emulated fused kernel did not run"
+    pick = torch.linspace(0, len(r) - 1, 50).long()
+    ref = oracle(model, "2", X, y, r.indices[pick])
+    err = (r.delta_loss[pick] - ref["delta_loss"]).abs()
+    assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all()
+    assert torch.equal(r.flips[pick], ref["flips"]) and torch.equal(r.exact_zero[pick], ref["exact_zero"])

@@ -180,6 +180,90 @@ def test_property_fused_vs_two_stage(I, J, N, C, frac, scale, head, seed):
     assert_same_scores(got[:7], two_stage(args))
 
 
+# ------------------------------------------------------------------------- the kernel's row path
+# Runs of >= 32 consecutive inputs of a unit with moments (csrc/cpu/fused_cpu.cpp: kRowMin) take the
+# row path (lanes across the run's weights, kGroup samples per pass, thresholds on d); shorter or
+# scattered runs and units without moments the tile path. Both against the reference and two stages.
+
+ROW_CASES = [  # I, J, N, C, K, scale
+    (3, 32, 9, 2, None, 0.1),  # the shortest row run, C = 2, tail samples one at a time
+    (5, 40, 61, 10, None, 0.05),
+    (4, 48, 130, 1000, None, 0.02),  # C = 1000: flips resolved among the near classes
+    (6, 64, 77, 101, None, 1e-3),
+    (6, 64, 77, 101, None, 1.5),  # large d: the certificate fails, exact loop
+    (4, 33, 50, 30, 100, 0.3),  # sparse selection: tile path
+]
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_path_matches_reference_and_two_stage(case, dtype):
+    I, J, N, C, K, scale = case
+    args = fused_inputs(I, J, N, C, K, dtype=dtype, scale=scale, seed=J + C)
+    extra = with_moments(args)
+    got = OPS.fused_scores(*args, *extra, True, False)
+    ref = _fused_reference.fused_scores(*args, *extra, True, False)
+    assert_same_scores(got[:7], ref[:7])
+    assert torch.equal(got[7], ref[7]) and torch.equal(got[8], ref[8])
+    assert_same_scores(got[:7], two_stage(args, by_class=False))
+    # by_class keeps the tile path: the same sums
+    bc = OPS.fused_scores(*args, *extra, True, True)
+    assert_same_scores((*bc[:6], bc[6].sum(1)), (*got[:6], got[0]))
+
+
+def test_row_path_units_off_kink_and_fallback():
+    """ReLU units off for most samples (skipped), units on the kink (u ~ 0, small weights cross it),
+    leaky units (never skipped), and pairs whose d is large enough to force the exact loop."""
+    I, J, N, C = 8, 40, 120, 50
+    args = fused_inputs(I, J, N, C, scale=0.3, seed=5)
+    z_t = args[1]
+    z_t[:2] = -3.0 - z_t[:2].abs()  # off for every sample: skipped unless a weight turns it on
+    z_t[2] = z_t[2] * 1e-3  # on the kink: d crosses it for many pairs
+    args[4][: J * 2] *= 40.0  # rows 0-1: large weights turn the unit on: exact loop, flips
+    extra = with_moments(args)
+    got = OPS.fused_scores(*args, *extra, True, False)
+    ref = _fused_reference.fused_scores(*args, *extra, True, False)
+    assert_same_scores(got[:7], ref[:7])
+    assert torch.equal(got[7], ref[7]) and torch.equal(got[8], ref[8])
+    assert got[7][: 2 * J].sum() > 0 and got[2].sum() > 0  # the fallback and flips were exercised
+    assert_same_scores(got[:7], two_stage(args, by_class=False))
+
+
+def test_row_path_nan_input_is_not_skipped():
+    """A NaN input: no sample may be skipped on a bound that the NaN made meaningless."""
+    args = fused_inputs(2, 32, 20, 5, scale=0.1, seed=1)
+    args[1][:] = -5.0  # both units off
+    args[0][3, 4] = float("nan")
+    extra = with_moments(args)
+    got = OPS.fused_scores(*args, *extra, True, False)
+    ref = _fused_reference.fused_scores(*args, *extra, True, False)
+    assert torch.equal(got[8], ref[8])
+    torch.testing.assert_close(got[0], ref[0], equal_nan=True)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(I=st.integers(1, 4), J=st.integers(32, 70), N=st.integers(1, 30), C=st.integers(2, 40),
+       full=st.booleans(), scale=st.sampled_from([1e-4, 1e-2, 0.3, 5.0]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_property_row_path_vs_two_stage(I, J, N, C, full, scale, seed, dtype):
+    K = None if full else max(1, I * J // 2)
+    args = fused_inputs(I, J, N, C, K, scale=scale, seed=seed, dtype=dtype)
+    extra = with_moments(args)
+    got = OPS.fused_scores(*args, *extra, True, False)
+    ref = two_stage(args, by_class=False)
+    # delta_loss: besides the sums' rounding, each pair's d (E_p v - v_y) differs by the rounding of
+    # E_p v - v_y, ~eps max|v| (the two stages take it as a difference of two O(|v|) numbers), and by
+    # the series' certified truncation (<= 1e-10 of the pair's KL): a weight whose delta_loss cancels
+    # to ~1e-3 of these terms keeps them as its error
+    d_abs = _reference.pair_deltas(*args[:8]).abs().sum(1)
+    bound = 1e-10 * ref[0].abs() + 1e-13 * ref[0].abs().max() + 8e-16 * float(args[8].abs().max()) * d_abs
+    assert ((got[0] - ref[0]).abs() <= bound + 1e-10 * ref[1] + 1e-300).all()
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-300)
+    for g, r in zip(got[2:6], ref[2:6]):
+        assert torch.equal(g, r)
+    assert torch.equal(got[7], _fused_reference.fused_scores(*args, *extra, True, False)[7])
+
+
 # ------------------------------------------------------------------------- ablate's fused path
 
 
@@ -207,6 +291,27 @@ def test_whole_rows_match_oracle(C, layer):
     assert torch.equal(r.exact_zero[pick], ref["exact_zero"])
 
 
+@pytest.mark.parametrize("C,dtype,precision", [pytest.param(1000, torch.float32, "float64", marks=pytest.mark.slow),
+                                               (2, torch.float64, "model"),
+                                               (50, torch.float32, "model")])
+def test_row_path_whole_rows_match_oracle(C, dtype, precision):
+    """Hidden width 40: whole rows take the kernel's row path (runs of >= 32 inputs)."""
+    model = mlp(12, 40, C, seed=C + 1, dtype=dtype)
+    X, y = (torch.randn(70, 12) * 2).to(dtype), torch.randint(0, C, (70,))
+    r = wa.ablate(model, "2", (X, y), precision=precision, batch_size=50, progress=False)
+    assert r.extra["fused"] and r.extra["active_pairs"] > 0
+    pick = torch.linspace(0, len(r) - 1, 60).long()  # the oracle costs a forward per weight
+    ref = oracle(model, "2", X, y, r.indices[pick])
+    err = (r.delta_loss[pick] - ref["delta_loss"]).abs()
+    if dtype == torch.float64 or precision == "float64":
+        assert (err <= 1e-9 * ref["delta_loss"].abs() + ref["round"]).all(), err.max()
+        assert torch.allclose(r.delta_kl[pick], ref["delta_kl"], rtol=1e-6, atol=1e-12)
+    else:  # the float32 model's own forward (docs/DESIGN.md: the float32 bound)
+        assert (err <= 1e-5 * ref["delta_loss"].abs() + 1e-4 * ref["abs_sum"] + 1e-6).all(), err.max()
+    assert torch.equal(r.flips[pick], ref["flips"])
+    assert torch.equal(r.exact_zero[pick], ref["exact_zero"])
+
+
 def two_stage_ablate(monkeypatch, *args, **kw):
     with monkeypatch.context() as m:
         m.setattr(closed_form, "FUSED_MIN_RUN", 1 << 62)
@@ -217,8 +322,9 @@ def two_stage_ablate(monkeypatch, *args, **kw):
 
 @pytest.mark.parametrize("head", ["relu", "leaky"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_matches_two_stage_ablate(monkeypatch, head, dtype):
-    model = mlp(10, 24, 30, head=head, dtype=dtype)
+@pytest.mark.parametrize("hidden", [24, 40])  # 40: the row path
+def test_fused_matches_two_stage_ablate(monkeypatch, head, dtype, hidden):
+    model = mlp(10, hidden, 30, head=head, dtype=dtype)
     X, y = torch.randn(90, 10, dtype=dtype), torch.randint(0, 30, (90,))
     kw = dict(batch_size=50, progress=False, by_class=True)
     r = wa.ablate(model, "2", (X, y), **kw)
@@ -259,3 +365,15 @@ def test_sparse_selection_and_elementwise_keep_two_stage():
     gelu = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 5))
     assert "fused" not in wa.ablate(gelu, "0", (X, y), progress=False).extra
     assert "fused" not in wa.ablate(model, "2", (X, y), param="bias", progress=False).extra
+
+
+def test_result_that_would_not_fit_is_refused_before_the_sweep(monkeypatch):
+    from weightablate import memory
+
+    model = mlp(8, 12, 5)
+    X, y = torch.randn(20, 8), torch.randint(0, 5, (20,))
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"weights: the result for 144 weights x 5 classes \(by_class=True\)"):
+        wa.ablate(model, "2", (X, y), by_class=True, progress=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)  # unknown: no check
+    assert len(wa.ablate(model, "2", (X, y), progress=False)) == 144

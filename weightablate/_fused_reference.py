@@ -55,7 +55,7 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
                 has = slot >= 0
                 sl = slot.clamp(min=0)
                 mu, gap = moments[:, sl, n], mean_gap[sl, n]
-                kl_m, ok = moment_kl(mu, dd, dd.abs() * rng, q_top[n], rng)
+                kl_m, ok = moment_kl(mu, dd, dd.abs() * rng, q_top[n], rng, C)
                 ok &= has
                 kl, dce, todo = torch.where(ok, kl_m, kl), torch.where(ok, kl_m + dd * gap, dce), ~ok
             if todo.any():
@@ -74,18 +74,24 @@ def fused_scores(a_t, z_t, rows, cols, w, gain, shift, slope, head, probs, logit
     return dloss, dkl, n_flips, n_err, n_corr, active > 0, class_loss, exact, active
 
 
-def moment_kl(mu, d, x, q, rng):
+def moment_kl(mu, d, x, q, rng, n_classes):
     """KL of the moment path about the top class for each pair, and whether it is certified.
 
-    mu (D, P): sum_c p_c (v_c - v_top)^k. Truncation tail q e^1.5 x^(D+1)/(D+1)! (x = |d| range
-    bounds |d (v_c - v_top)|) must stay below MOMENT_CERT_TOL x d^2 var / 2, and var = mu2 - mu1^2
-    must stand well above its rounding (~eps 4 q range^2)."""
+    mu (D, P): sum_c p_c (v_c - v_top)^k. The truncation tail (csrc/cpu/fused_cpu.cpp: certificate)
+    e^1.5 |d|^(D+1) min(q range^(D+1), range^(D+1-E) mu_E) / (D+1)! (E = D or D - 1, even; mu_E with
+    its rounding bound added; x = |d| range bounds |d (v_c - v_top)|) must stay below
+    MOMENT_CERT_TOL x d^2 var / 2, and var = mu2 - mu1^2 must stand well above its rounding
+    (~eps 4 q range^2)."""
     order = mu.shape[0]
     m1, m2 = mu[0], mu[1]
     var = m2 - m1 * m1
     gate = (q == 0) | ((q > MIN_Q) & (var >= MOMENT_MIN_VAR_RATIO * 4.0 * q * rng * rng))
-    tail = q * math.exp(1.5) * x ** (order + 1) / math.factorial(order + 1)
-    ok = (x <= 0.5) & gate & (tail <= MOMENT_CERT_TOL * 0.5 * d * d * var)
+    even = order if order % 2 == 0 else order - 1
+    mu_bound = mu[even - 1].clamp(min=0) + (n_classes + 2 * even + 4) * 4.4e-16 * 2**even * q * rng**even
+    coef = math.exp(1.5) / math.factorial(order + 1)
+    rest = rng ** (order + 1 - even)
+    tc = torch.minimum(q * rng**even * rest, mu_bound * rest) * coef
+    ok = (x <= 0.5) & gate & (d.abs() ** (order + 1) * tc <= MOMENT_CERT_TOL * 0.5 * var * d * d)
     s2, dk = torch.zeros_like(d), d * d * 0.5
     for k in range(2, order + 1):
         s2 = s2 + dk * mu[k - 1]

@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C: where it stopped and what was kept, no traceback
         print(f"weightablate {args.command}: {interrupted_message(exc)}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # the library's message; a full disk
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:  # the library's message; a full disk;
+        # a result that would not fit in memory
         print(f"weightablate {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

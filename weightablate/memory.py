@@ -28,6 +28,44 @@ def check_max_memory(max_memory) -> int:
     return max_memory
 
 
+# bytes per weight that a sweep still allocates once its first batch is captured: the running sums
+# (2 float64, 3 int64, a bool), and the result's rows, cols and weight values; by_class adds C float64
+RESULT_BYTES_PER_WEIGHT = 72
+
+
+def available_memory(device) -> int | None:
+    """Bytes the process can still allocate on ``device`` (Linux MemAvailable; a GPU's free memory);
+    None when unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_result_fits(n_weights: int, n_classes: int, by_class: bool, device) -> None:
+    """A MemoryError naming ``weights`` (and ``by_class``) before a sweep starts whose result and
+    running sums would not fit: better than running out of memory after the first batch's work."""
+    need = n_weights * (RESULT_BYTES_PER_WEIGHT + (8 * n_classes if by_class else 0))
+    have = available_memory(device)
+    if have is None or need <= have:
+        return
+    what = f"{n_weights:,} weights" + (f" x {n_classes:,} classes (by_class=True)" if by_class else "")
+    raise MemoryError(f"weights: the result for {what} needs about {need / 1e9:.1f} GB, more than the "
+                      f"{have / 1e9:.1f} GB available; score fewer weights per call (e.g. a range of rows)"
+                      + (" or pass by_class=False" if by_class else ""))
+
+
 def chunk_size(bytes_per_weight: int, max_memory: int) -> int:
     """How many weights to score at once so their scratch fits in max_memory (at least one)."""
     return max(1, max_memory // max(1, bytes_per_weight))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, DataHash
 from .data import check_labels
+from .memory import check_result_fits
 from .progress import SweepProgress
 
 FIELDS = ("delta_loss", "delta_kl", "flips", "new_errors", "new_correct")
@@ -180,6 +181,7 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
                 _data_differs(checkpoint, hashed)
             logits = method.prepare(x, y)
             if totals is None:
+                check_result_fits(K, logits.shape[1], by_class, logits.device)
                 totals = Totals(K, logits.device, logits.shape[1], by_class)
                 if state is not None:
                     totals.load_state(state["totals"])

@@ -18,6 +18,7 @@ namespace weightablate {
 TORCH_LIBRARY_IMPL(weightablate, CUDA, m) {
   m.impl("pair_deltas", &pair_deltas_cuda);
   m.impl("score_deltas", &score_deltas_cuda);
+  m.impl("fused_scores", &fused_scores_cuda);
 }
 
 }  // namespace weightablate

@@ -1,5 +1,5 @@
 // csrc/cuda/ablate_kernels.cuh compiled for the host emulator and registered as
-// weightablate_emulated::{pair_deltas, score_deltas} on CPU tensors (tests/test_cuda_emulated.py
+// weightablate_emulated::{pair_deltas, score_deltas, fused_scores} on CPU tensors (tests/test_cuda_emulated.py
 // defines those ops with the real ops' schemas before loading this library). Small blocks and a
 // capped grid make every launch take the multi-warp reductions and the grid-stride loops.
 #include <torch/library.h>
@@ -32,4 +32,5 @@ inline at::Tensor poisoned(at::Tensor t) {
 TORCH_LIBRARY_IMPL(weightablate_emulated, CPU, m) {
   m.impl("pair_deltas", &weightablate::pair_deltas_cuda);
   m.impl("score_deltas", &weightablate::score_deltas_cuda);
+  m.impl("fused_scores", &weightablate::fused_scores_cuda);
 }
