@@ -171,8 +171,8 @@ class ExactChannelImportance:
     A group that cannot be scored exactly (a LayerNorm/GroupNorm member, a grouped convolution, a
     root that produces the logits, ...) gets ``None`` (Torch-Pruning leaves it unpruned) with an
     ``UnscorableGroupWarning`` naming the layer; ``imp.unscorable`` maps root layer -> reason.
-    ``ablate_kwargs`` (precision, backend, batch_size, ...) go to ``ablate``; ``precision="float64"``
-    also runs the replay in float64. ``imp.methods`` maps root layer -> "ablate" or "replay".
+    ``ablate_kwargs`` (precision, backend, batch_size, ...) go to ``ablate``; the replay always runs
+    on a float64 copy. ``imp.methods`` maps root layer -> "ablate" or "replay".
     """
 
     label = EXACT_LABEL
@@ -211,18 +211,16 @@ class ExactChannelImportance:
             try:
                 res = ablate(self.model, plan.root, self.data, weights=torch.as_tensor(chosen, dtype=torch.long),
                              metrics=("loss",), structure="out", **kwargs)
-            except (ValueError, TypeError) as exc:
-                warnings.warn(f"ExactChannelImportance: {plan.root!r}: ablate could not score it ({exc}); "
-                              "replaying instead", UnscorableGroupWarning, stacklevel=2)
+            except (ValueError, TypeError):
+                pass  # e.g. the channel meets a residual add inside the group: the replay is exact there too
             else:
                 self.methods[plan.root] = "ablate"
                 order = {int(u): i for i, u in enumerate(res.indices.reshape(-1).tolist())}
                 return res.delta_loss.double().cpu()[[order[c] for c in chosen]]
         self.methods[plan.root] = "replay"
-        dtype = torch.float64 if self.ablate_kwargs.get("precision") == "float64" else None
-        rows = [plan.where[c] for c in chosen]
+        rows = [plan.where[c] for c in chosen]  # float64 always: a float32 difference of losses is not exact
         return replay_delta_loss(self.model, {n: m[rows] for n, m in plan.consumers.items()}, self.data,
-                                 dtype=dtype, batch_size=self.ablate_kwargs.get("batch_size"))
+                                 dtype=torch.float64, batch_size=self.ablate_kwargs.get("batch_size"))
 
     def __call__(self, group, **_) -> torch.Tensor | None:
         try:
