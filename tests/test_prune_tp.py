@@ -245,3 +245,30 @@ def test_replay_from_the_first_consumer_equals_whole_forwards(make, monkeypatch)
             m.conv2.weight[:, j] = 0
             want = (F.cross_entropy(m(X), y, reduction="sum") - F.cross_entropy(model(X), y, reduction="sum")).item()
         assert split[k].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+class Tokens(nn.Module):
+    """Linear layers on (N, T, features): the consumer's features are the last dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x))).mean(1)
+
+
+def test_replay_zeroes_the_last_dimension_of_a_linear_consumer():
+    from weightablate import tp_importance
+
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    X, y = data((3, 5), n=7)
+    mask = torch.eye(6, dtype=torch.bool)[[4, 0, 2]]
+    got = tp_importance.replay_delta_loss(model, {"l2": mask}, (X, y))
+    for k, j in enumerate([4, 0, 2]):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.l2.weight[:, j] = 0
+            want = (F.cross_entropy(m(X), y, reduction="sum") - F.cross_entropy(model(X), y, reduction="sum")).item()
+        assert got[k].item() == pytest.approx(want, rel=1e-9, abs=1e-12)

@@ -184,7 +184,10 @@ def replay_delta_loss(model: nn.Module, consumers: dict, data, *, dtype=None, ba
             if name not in keep:
                 return None
             x, k = args[0], keep[name]
-            xs = x.reshape(k.shape[0], -1, x.shape[1], x[0, 0].numel()) * k[:, None, :, None]
+            if isinstance(module, nn.Linear):  # features last: (K*N, ..., F)
+                xs = x.reshape(k.shape[0], -1, x.shape[-1]) * k[:, None, :]
+            else:  # channels second: (K*N, C, ...)
+                xs = x.reshape(k.shape[0], -1, x.shape[1], x[0, 0].numel()) * k[:, None, :, None]
             return (xs.reshape(x.shape), *args[1:])
         return zero_inputs
 
