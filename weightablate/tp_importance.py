@@ -65,7 +65,8 @@ class GroupPlan:
         root = group[0]
         self.root_module = root.dep.target.module
         self.root = names.get(id(self.root_module), root.dep.target.name)
-        if not isinstance(self.root_module, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(root.dep.handler):
+        out = DG.is_out_channel_pruning_fn(root.dep.handler)
+        if not isinstance(self.root_module, (nn.Conv2d, nn.Linear)) or not out:
             raise UnscorableGroup(f"the root {self.root!r} is not a Conv2d/Linear pruned on its outputs")
         self.channels = list(root.idxs)
         self.where = where = {r: i for i, r in enumerate(root.root_idxs if root.root_idxs is not None else root.idxs)}
