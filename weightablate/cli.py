@@ -40,12 +40,9 @@ def _weights_arg(text: str):
     if text.lower() == "all":
         return None
     try:
-        k = int(text)
-    except ValueError:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {k}")
-    return k
 
 
 def _add_loading_args(p, batch_help: str, out: str) -> None:
