@@ -209,3 +209,66 @@ def test_mobilenet_v3_small_depthwise_and_squeeze_excitation_groups_match_torch_
     X, y = data((3, 32, 32), n=3)
     check_against_tp(model, ["features.9.block.0.0", "features.9.block.1.0"], X, y, channels=(5,),
                      methods={"features.9.block.0.0": "replay", "features.9.block.1.0": "replay"})
+
+
+class SizeReadFirst(nn.Module):
+    """Reads the batch size before the consumer: a forward split at the consumer would reuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 2).reshape(n, -1))
+
+
+@pytest.mark.parametrize("make", [lambda: random_bn(CNN()).double(), lambda: SizeReadFirst().double().eval()])
+def test_replay_from_the_first_consumer_equals_whole_forwards(make, monkeypatch):
+    from weightablate import tp_importance
+
+    model = make()
+    X, y = data((3, 8, 8), n=5, classes=3)
+    mask = torch.zeros(4, model.conv2.in_channels, dtype=torch.bool)
+    mask[torch.arange(4), torch.tensor([0, 1, 3, 2])] = True  # channel k: one input channel of conv2
+    real, used = tp_importance._split_forward, []
+    monkeypatch.setattr(tp_importance, "_split_forward", lambda *a: used.append(real(*a)) or used[-1])
+    split = tp_importance.replay_delta_loss(model, {"conv2": mask}, (X, y))
+    assert bool(used[0]) == isinstance(model, CNN)  # SizeReadFirst: the split is refused, whole forwards
+    monkeypatch.setattr(tp_importance, "_split_forward", lambda *a: False)
+    whole = tp_importance.replay_delta_loss(model, {"conv2": mask}, (X, y))
+    assert torch.allclose(split, whole, rtol=1e-12, atol=1e-14)
+    for k, j in enumerate([0, 1, 3, 2]):  # and the brute force: conv2's input channel j zeroed
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.conv2.weight[:, j] = 0
+            want = (F.cross_entropy(m(X), y, reduction="sum") - F.cross_entropy(model(X), y, reduction="sum")).item()
+        assert split[k].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+class Tokens(nn.Module):
+    """Linear layers on (N, T, features): the consumer's features are the last dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x))).mean(1)
+
+
+def test_replay_zeroes_the_last_dimension_of_a_linear_consumer():
+    from weightablate import tp_importance
+
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    X, y = data((3, 5), n=7)
+    mask = torch.eye(6, dtype=torch.bool)[[4, 0, 2]]
+    got = tp_importance.replay_delta_loss(model, {"l2": mask}, (X, y))
+    for k, j in enumerate([4, 0, 2]):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.l2.weight[:, j] = 0
+            want = (F.cross_entropy(m(X), y, reduction="sum") - F.cross_entropy(model(X), y, reduction="sum")).item()
+        assert got[k].item() == pytest.approx(want, rel=1e-9, abs=1e-12)

@@ -935,7 +935,8 @@ def format_report(d: dict) -> str:
                      f"Pearson {_ci(tv.get('pearson_ci95'))}  Spearman {_ci(tv.get('spearman_ci95'))}")
     cr = d.get("criteria")
     if cr:
-        lines.append(f"pruning criteria vs the exact delta_loss ({count(cr['n_weights'], 'weight')}; top/bottom "
+        what = "unit" if d.get("structure", "weight") != "weight" else "weight"
+        lines.append(f"pruning criteria vs the exact delta_loss ({count(cr['n_weights'], what)}; top/bottom "
                      "overlap of "
                      f"the {' / '.join(_pct(f) for f in FRACTIONS)} sets):")
         for name, row in cr["scores"].items():

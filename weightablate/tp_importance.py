@@ -26,6 +26,7 @@ import math
 import warnings
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,7 +65,8 @@ class GroupPlan:
         root = group[0]
         self.root_module = root.dep.target.module
         self.root = names.get(id(self.root_module), root.dep.target.name)
-        if not isinstance(self.root_module, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(root.dep.handler):
+        out = DG.is_out_channel_pruning_fn(root.dep.handler)
+        if not isinstance(self.root_module, (nn.Conv2d, nn.Linear)) or not out:
             raise UnscorableGroup(f"the root {self.root!r} is not a Conv2d/Linear pruned on its outputs")
         self.channels = list(root.idxs)
         self.where = where = {r: i for i, r in enumerate(root.root_idxs if root.root_idxs is not None else root.idxs)}
@@ -120,10 +122,59 @@ def _dtype(model):
     return next(model.parameters()).dtype
 
 
+class _Tail:
+    """The model's forward split at its first consumer (torch.fx): ``base(x)`` runs it once and
+    keeps every value; ``tail(K)`` recomputes only the nodes that read a consumer's output, on the
+    kept values repeated K times along the batch (the prefix is the same for every channel)."""
+
+    def __init__(self, run: nn.Module, consumers):
+        self.gm = fx.symbolic_trace(run)
+        nodes = list(self.gm.graph.nodes)
+        starts = [n for n in nodes if n.op == "call_module" and n.target in consumers]
+        if {n.target for n in starts} != set(consumers):
+            raise ValueError("a consumer is not a module call of the traced graph")
+        self.after = _closure(starts)
+        self.batchy = _closure([n for n in nodes if n.op == "placeholder"])
+        self.read = {a for n in self.after for a in n.all_input_nodes if a not in self.after}  # repeated
+        self.kept = None
+
+    def base(self, x):
+        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        out = interp.run(x)
+        self.kept, self.n = {k: v for k, v in interp.env.items() if k not in self.after}, x.shape[0]
+        return out
+
+    def tail(self, K: int):
+        def rep(node, v):
+            if node in self.read and node in self.batchy and isinstance(v, torch.Tensor) and v.dim() \
+                    and v.shape[0] == self.n:
+                return v.repeat(K, *([1] * (v.dim() - 1)))
+            return v
+        env = {n: rep(n, v) for n, v in self.kept.items() if n.op != "output"}
+        return fx.Interpreter(self.gm).run(*[env[n] for n in self.gm.graph.nodes if n.op == "placeholder"],
+                                           initial_env=env)
+
+
+def _closure(starts) -> set:
+    seen, todo = set(starts), list(starts)
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _repeat(x, K):
+    return x.repeat(K, *([1] * (x.dim() - 1)))
+
+
 def replay_delta_loss(model: nn.Module, consumers: dict, data, *, dtype=None, batch_size=None) -> torch.Tensor:
     """(K,) float64: ``sum_n CE_n - CE_n(model)`` with, for channel k, input channels ``mask[k]`` of
-    every consumer layer zeroed (``consumers``: ``{name: (K, width) bool}``), by full forwards of a
-    copy of the model in ``dtype`` (default the model's), batched over channels. The model is not touched."""
+    every consumer layer zeroed (``consumers``: ``{name: (K, width) bool}``), by forwards of a copy
+    of the model in ``dtype`` (default the model's), batched over channels: from the first consumer
+    on (``_Tail``) where torch.fx splits the forward there and the split reproduces the full forward
+    on the first batch (``_split_forward``), else whole forwards. The model is not touched."""
     run = copy_model(model, dtype or _dtype(model)).eval()
     mods = dict(run.named_modules())
     K = next(iter(consumers.values())).shape[0]
@@ -134,30 +185,57 @@ def replay_delta_loss(model: nn.Module, consumers: dict, data, *, dtype=None, ba
             if name not in keep:
                 return None
             x, k = args[0], keep[name]
-            xs = x.reshape(k.shape[0], -1, x.shape[1], x[0, 0].numel()) * k[:, None, :, None]
+            if isinstance(module, nn.Linear):  # features last: (K*N, ..., F)
+                xs = x.reshape(k.shape[0], -1, x.shape[-1]) * k[:, None, :]
+            else:  # channels second: (K*N, C, ...)
+                xs = x.reshape(k.shape[0], -1, x.shape[1], x[0, 0].numel()) * k[:, None, :, None]
             return (xs.reshape(x.shape), *args[1:])
         return zero_inputs
 
+    def zero(rows):
+        for name, mask in consumers.items():
+            keep[name] = (~mask[rows]).to(device=x.device, dtype=_dtype(run))
+
     hooks = [mods[name].register_forward_pre_hook(pre_hook(name)) for name in consumers]
     total = torch.zeros(K, dtype=torch.float64)
+    split = None  # _Tail, or False for whole forwards
     try:
         with torch.no_grad():
             for x, y in batches(data, batch_size, _device(model), _dtype(model)):
                 x = x.to(_dtype(run)) if x.is_floating_point() else x
                 keep.clear()
-                ce0 = F.cross_entropy(run(x).double(), y, reduction="none")
+                if split is None:
+                    split = _split_forward(run, consumers, x, zero)
+                    keep.clear()
+                base = split.base(x) if split else run(x)
+                ce0 = F.cross_entropy(base.double(), y, reduction="none")
                 step = max(1, REPLAY_ROWS // x.shape[0])
                 for s in range(0, K, step):
                     e = min(K, s + step)
-                    for name, mask in consumers.items():
-                        keep[name] = (~mask[s:e]).to(device=x.device, dtype=_dtype(run))
-                    xr = x.repeat(e - s, *([1] * (x.dim() - 1)))
-                    ce = F.cross_entropy(run(xr).double(), y.repeat(e - s), reduction="none")
+                    zero(slice(s, e))
+                    logits = split.tail(e - s) if split else run(_repeat(x, e - s))
+                    ce = F.cross_entropy(logits.double(), y.repeat(e - s), reduction="none")
                     total[s:e] += (ce.view(e - s, -1) - ce0).sum(1).cpu()
     finally:
         for h in hooks:
             h.remove()
     return total
+
+
+def _split_forward(run, consumers, x, zero):
+    """A _Tail of ``run`` when torch.fx traces it, every consumer is one of its module calls and it
+    gives the full forward's logits for channel 0 twice on ``x`` (a batch size read before the first
+    consumer, e.g. ``h.view(x.shape[0], -1)``, would not), else False."""
+    try:
+        tail = _Tail(run, consumers)
+        tail.base(x)
+        zero([0, 0])
+        got = tail.tail(2)
+    except Exception:  # noqa: BLE001  (whatever fails here, the whole forward is right)
+        return False
+    want = run(_repeat(x, 2))
+    ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    return tail if ok else False
 
 
 class ExactChannelImportance:
@@ -171,8 +249,8 @@ class ExactChannelImportance:
     A group that cannot be scored exactly (a LayerNorm/GroupNorm member, a grouped convolution, a
     root that produces the logits, ...) gets ``None`` (Torch-Pruning leaves it unpruned) with an
     ``UnscorableGroupWarning`` naming the layer; ``imp.unscorable`` maps root layer -> reason.
-    ``ablate_kwargs`` (precision, backend, batch_size, ...) go to ``ablate``; ``precision="float64"``
-    also runs the replay in float64. ``imp.methods`` maps root layer -> "ablate" or "replay".
+    ``ablate_kwargs`` (precision, backend, batch_size, ...) go to ``ablate``; the replay always runs
+    on a float64 copy. ``imp.methods`` maps root layer -> "ablate" or "replay".
     """
 
     label = EXACT_LABEL
@@ -211,18 +289,16 @@ class ExactChannelImportance:
             try:
                 res = ablate(self.model, plan.root, self.data, weights=torch.as_tensor(chosen, dtype=torch.long),
                              metrics=("loss",), structure="out", **kwargs)
-            except (ValueError, TypeError) as exc:
-                warnings.warn(f"ExactChannelImportance: {plan.root!r}: ablate could not score it ({exc}); "
-                              "replaying instead", UnscorableGroupWarning, stacklevel=2)
+            except (ValueError, TypeError):
+                pass  # e.g. the channel meets a residual add inside the group: the replay is exact there too
             else:
                 self.methods[plan.root] = "ablate"
                 order = {int(u): i for i, u in enumerate(res.indices.reshape(-1).tolist())}
                 return res.delta_loss.double().cpu()[[order[c] for c in chosen]]
         self.methods[plan.root] = "replay"
-        dtype = torch.float64 if self.ablate_kwargs.get("precision") == "float64" else None
-        rows = [plan.where[c] for c in chosen]
+        rows = [plan.where[c] for c in chosen]  # float64 always: a float32 difference of losses is not exact
         return replay_delta_loss(self.model, {n: m[rows] for n, m in plan.consumers.items()}, self.data,
-                                 dtype=dtype, batch_size=self.ablate_kwargs.get("batch_size"))
+                                 dtype=torch.float64, batch_size=self.ablate_kwargs.get("batch_size"))
 
     def __call__(self, group, **_) -> torch.Tensor | None:
         try:
