@@ -74,10 +74,19 @@ def _check_model(model: nn.Module, device) -> torch.device:
                 device.type != "cpu" and device.index is not None and device.index != (model_device.index or 0)):
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}: move the model first "
                              "(model.to(device)); inputs are moved to the model's device for you")
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t in model.named_parameters():
         # the sum is finite when every element is (one cheap pass); it can also overflow: then look closer
         if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise ValueError(f"model: {name} contains NaN or inf")
+    for prefix, module in model.named_modules():
+        for bname, t in module.named_buffers(prefix=prefix, recurse=False):
+            if not t.is_floating_point():
+                continue
+            if isinstance(module, nn.modules.batchnorm._NormBase):  # running statistics: finite
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"model: {bname} contains NaN or inf")
+            elif torch.isnan(t).any():  # other buffers may hold -inf (an attention mask), never NaN
+                raise ValueError(f"model: buffer {bname} contains NaN")
     return model_device
 
 
@@ -205,6 +214,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, target = _resolve_layer(model, layer)
+    if isinstance(target, nn.MultiheadAttention):
+        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: its output projection {name + '.out_proj'!r} "
+                        "is an nn.Linear that can be ablated; its packed in_proj_weight (q, k, v) cannot, it is used "
+                        "inside torch's fused attention function; to ablate q/k/v weights write the attention with "
+                        "nn.Linear layers for q, k and v (or one fused qkv nn.Linear) and "
+                        "F.scaled_dot_product_attention: replay follows them exactly")
     if not isinstance(target, TARGETS):
         raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
                         "layers can be ablated")
