@@ -121,7 +121,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     two losses, and summed over samples in float64.
 
     Args:
-        model: a classifier whose forward returns logits (N, C). Used in eval mode; its modes are
+        model: a classifier whose forward returns logits (N, C), or a language model returning
+            per-token logits (N, T, V) with labels (N, T): then every token whose label is not -100
+            counts as one prediction (weightablate.tokens; README "Transformers"). Used in eval mode; its modes are
             restored and its weights are never changed (bit-identical after the call).
         layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
             (grouped and depthwise included) anywhere in the model.

@@ -486,10 +486,13 @@ class Propagator:
             v = self.base(a, f64) if isinstance(a, fx.Node) else a
             return v.clone() if isinstance(v, torch.Tensor) else v  # an in-place op must not touch the cache
 
-        if n.op == "call_module" and getattr(self.mods[n.target], "batch_first", True) is False:
+        seq_first = [s for s in self.mods[n.target].modules() if getattr(s, "batch_first", True) is False] \
+            if n.op == "call_module" else []
+        if seq_first:  # nn.MultiheadAttention, nn.LSTM, ... (or a module holding one)
             raise ValueError(f"replay: module {n.target!r} ({type(self.mods[n.target]).__name__}){where(n)} has "
-                             "batch_first=False: the first axis of its inputs is not the batch, so the ablations "
-                             "cannot be stacked along it; build it with batch_first=True")
+                             f"a {type(seq_first[0]).__name__} with batch_first=False: the first axis of its inputs "
+                             "is not the batch, so the ablations cannot be stacked along it; build it with "
+                             "batch_first=True")
         out = self._call(n, fx.node.map_aggregate(n.args, new), fx.node.map_aggregate(n.kwargs, new))
         if n not in self.out64:
             self.out64[n] = self._call(n, fx.node.map_aggregate(n.args, old), fx.node.map_aggregate(n.kwargs, old))
@@ -516,9 +519,16 @@ class Propagator:
         if not base.is_floating_point():  # a comparison, argmax, ...: carry the new values themselves
             return Delta(unmerge(out, K), None, self.size_of(n), absolute=True)
         new = unmerge(out, K)
-        # where both are the same -inf (a masked attention score) the change is 0, not inf - inf
-        change = torch.where(new == base, 0.0, new - base)
+        change = new - base
+        if not self._finite(n, base):  # where both are the same -inf (a masked score) the change is 0, not NaN
+            change = torch.where(new == base, 0.0, change)
         return Delta(change.to(self.dtype), None, base.shape[1] if base.dim() > 1 else 1)
+
+    def _finite(self, n, base) -> bool:
+        key = ("finite", n)
+        if key not in self.out64:
+            self.out64[key] = bool(torch.isfinite(base).all())
+        return self.out64[key]
 
     def _call(self, n, args, kwargs):
         if n.op == "call_module":
