@@ -116,7 +116,7 @@ def main():
     y[:, -1] = -100
     for layer in ("blocks.0.fc", "blocks.0.out"):
         side_by_side("LayerNorm closed form, last MLP of a GPT-2-small-sized block", big, layer, (idx, y),
-                     8 if args.quick else 16, 2 if args.quick else 4, methods=("auto", "replay"))
+                     8 if args.quick else 4, 2, methods=("auto", "replay"))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,9 @@ def test_gpt_naive_backend_counts_tokens():
     nv = wa.ablate(model, "blocks.1.fc", (X, y), w, backend="naive")
     rp = wa.ablate(model, "blocks.1.fc", (X, y), w)
     assert nv.n_samples == rp.n_samples == int((y != IGNORE).sum())
+    assert nv.extra["counted"] == rp.extra["counted"] == "tokens" and f"{rp.n_samples} tokens" in repr(rp)
+    from weightablate.summary import format_summary, summarize
+    assert f"{rp.n_samples} tokens" in format_summary(summarize(rp))
     assert torch.allclose(nv.delta_loss, rp.delta_loss, rtol=1e-9, atol=1e-12)
     assert torch.equal(nv.flips, rp.flips)
 
@@ -301,3 +304,56 @@ def test_sparsegpt_needs_a_linear():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).eval()
     with pytest.raises(ValueError, match=r"sparsegpt needs an nn.Linear layer, '0' is a Conv2d"):
         criteria.compute(conv, "0", (torch.randn(2, 1, 4, 4), torch.tensor([0, 1])), ("sparsegpt",))
+
+
+def test_tied_lm_head_as_target_is_refused():
+    model = gpt()
+    X, y = lm_data()
+    with pytest.raises(ValueError, match=r"head"):
+        wa.ablate(model, "head", (X, y), 2)
+    r = wa.ablate(model, "head", (X, y), 2, backend="naive")  # the naive loop zeroes the shared entry
+    assert r.n_samples == int((y != IGNORE).sum())
+
+
+class PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder with a key padding mask computed from the input (token id 0 = padding)."""
+
+    def __init__(self, norm_first):
+        super().__init__()
+        self.emb = nn.Embedding(9, 16)
+        self.inp = nn.Linear(16, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, idx):
+        pad = idx == 0
+        h = self.enc(self.inp(self.emb(idx)), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_key_padding_mask_matches_oracle(norm_first):
+    torch.manual_seed(0)
+    model = PaddedEncoder(norm_first).eval()
+    X = torch.randint(1, 9, (6, 7))
+    X[1, 4:] = 0
+    X[4, 2:] = 0
+    y = torch.randint(0, 3, (6,))
+    for layer in ("inp", "enc.layers.1.linear1", "enc.layers.0.self_attn.out_proj"):
+        w = some(model.get_submodule(layer).weight.numel(), 5)
+        res = wa.ablate(model, layer, (X, y), w, precision="float64")
+        ref = oracle(model, layer, X, y, w)
+        assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-7, atol=1e-13), layer
+        assert torch.equal(res.flips, ref["flips"])
+
+
+def test_nested_tensor_encoder_with_padding_is_refused():
+    torch.manual_seed(0)
+    model = PaddedEncoder(False).eval()
+    model.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    X = torch.randint(1, 9, (4, 7))
+    X[1, 4:] = 0
+    with pytest.raises(ValueError, match=r"enable_nested_tensor=True.*src_key_padding_mask"):
+        wa.ablate(model.eval(), "enc.layers.0.linear1", (X, torch.zeros(4, dtype=torch.long)), 2)

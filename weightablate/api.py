@@ -282,13 +282,16 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             if structure != "weight":
                 raise ValueError(f"backend='naive' with structure={structure!r}: the structured reference is "
                                  "weightablate.structured.naive_structured (the self-check runs it)")
-            out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
+            stream = list(stream)
+            labels_dim = stream[0][1].dim() if stream else 1
+            out = naive_ablate(run, run_target, flat, stream, progress, by_class, param)
             kind, head_desc, counts = "naive", "zero, evaluate, restore", {}
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             with distributed.fail_together():
                 stream = iter(stream)
                 first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
+                labels_dim = first[1].dim()
                 stream = itertools.chain([first], stream)
                 plan = _plan_structured if structure != "weight" else _plan_weights
                 scorer, check = plan(run, name, run_target, param, structure, local, first, resolved, mode,
@@ -320,7 +323,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         layer_shape=(n_out, n_in), weight_shape=tuple(tensor.shape), param=param, method=kind, head=head_desc,
         backend=resolved, mode=mode, structure=structure,
         precision=precision, seconds=time.perf_counter() - started,
-        extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+        extra={**({"counted": "tokens"} if labels_dim == 2 else {}),  # labels (N, T): per-token predictions
+               **({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
                   if tensor.dtype in HALF and precision == "model" else {}),
                **({"self_check": checked} if checked else {}), **counts})
 
