@@ -78,11 +78,12 @@ def side_by_side(title, model, layer, data, k_fast, k_naive, methods=("auto",)):
     w = torch.randperm(n, generator=g)[:k_fast]
     print(f"\n{title}: layer {layer} {tuple(model.get_submodule(layer).weight.shape)}, load {load()}", flush=True)
     naive, t_naive = timed(lambda: wa.ablate(model, layer, data, w[:k_naive], backend="naive", progress=False))
-    truth = wa.ablate(model, layer, data, w[:k_naive], backend="naive", precision="float64", progress=False)
+    truth, t_truth = timed(lambda: wa.ablate(model, layer, data, w[:k_naive], backend="naive", precision="float64",
+                                             progress=False))
     scale = truth.delta_loss.abs().max().item()
     print(f"  naive float32: {k_naive} weights in {t_naive:.2f} s = {k_naive / t_naive:.3g} w/s; {naive.n_samples} "
           f"tokens; its error vs the float64 loop {(naive.delta_loss - truth.delta_loss).abs().max() / scale:.2g} "
-          "of the largest |delta_loss|")
+          f"of the largest |delta_loss|; the float64 loop: {k_naive / t_truth:.3g} w/s")
     for method in methods:
         fast, t_fast = timed(lambda: wa.ablate(model, layer, data, w, method=method, verify=False, progress=False))
         err = (fast.delta_loss[:k_naive] - truth.delta_loss).abs().max().item() / scale

@@ -103,6 +103,12 @@ def plan_token_head(graph, values: dict, name: str) -> TokenHead:
     if head is None or current is not graph.logits:
         raise ValueError("the change does not reach the logits through a residual add, a LayerNorm and a final "
                          "Linear")
+    if values[graph.target].shape[:-1] != values[add].shape[:-1]:
+        raise ValueError(f"{name!r}'s output {tuple(values[graph.target].shape)} and the residual "
+                         f"{tuple(values[add].shape)} do not have the same tokens")
+    if token is None and values[graph.logits].shape[:-1] != values[add].shape[:-1]:
+        raise ValueError(f"the logits {tuple(values[graph.logits].shape)} are not one row per token of the "
+                         f"residual {tuple(values[add].shape)}")
     if proj is None and units != values[add].shape[-1]:
         raise ValueError(f"{name!r} gives {units} features, the residual has {values[add].shape[-1]}")
     chain = " -> ".join([name] + names + ["+ residual", ln[0].target] + ([f"[:, {token}]"] if token is not None
