@@ -30,6 +30,7 @@ from .graph import capture_values
 from .memory import CPU_REPLAY_BYTES
 from .plan import _node_step
 from .replay import param_values, score_logit_deltas
+from .sweep import Batch
 
 ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 BYTES_PER_ENTRY = 8 * 6  # float64 (pairs x tokens x vocabulary) blocks: dl, its products, the scoring's
@@ -174,8 +175,8 @@ class TokenClosedForm:
         return logits
 
     def chunk_size(self, n: int, max_memory: int) -> int:
-        budget = min(max_memory, CPU_REPLAY_BYTES) if self.flat.device.type == "cpu" else max_memory
-        return max(1, budget // (BYTES_PER_ENTRY * max(self.a.shape[0], 1) * self.n_vocab))
+        self.budget = min(max_memory, CPU_REPLAY_BYTES) if self.flat.device.type == "cpu" else max_memory
+        return max(1, self.budget // (BYTES_PER_ENTRY * max(self.a.shape[0], 1) * self.n_vocab))
 
     def unit_deltas(self, sl: slice):
         """(K, M) change d of each pair's unit after the element-wise maps, and the units."""
@@ -215,9 +216,19 @@ class TokenClosedForm:
         grow = d * (2 * cov + d * var_p)  # s(d)^2 - s(0)^2
         s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
         alpha = -grow / (s * s0 * (s + s0))  # 1/s(d) - 1/s(0)
-        dl = alpha[:, :, None] * self.A[None] + (d / s)[:, :, None] * B[:, None, :]
-        return score_logit_deltas(dl, batch, self.want_flips, self.by_class,
-                                  torch.promote_types(self.target.weight.dtype, torch.float32))
+        beta = d / s
+        # (pairs x tokens x vocabulary) blocks within the budget: tokens are split when one pair's are too many
+        K, M = d.shape
+        step = max(1, getattr(self, "budget", CPU_REPLAY_BYTES) // (BYTES_PER_ENTRY * K * self.n_vocab))
+        total = None
+        for r in (slice(t, t + step) for t in range(0, M, step)):
+            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[:, None, :]
+            rows = Batch(logits=batch.logits[r], probs=batch.probs[r], labels=batch.labels[r])
+            parts = score_logit_deltas(dl, rows, self.want_flips, self.by_class,
+                                       torch.promote_types(self.target.weight.dtype, torch.float32))
+            total = parts if total is None else tuple(
+                a | b if a.dtype == torch.bool else a + b for a, b in zip(total, parts))
+        return total
 
 
 def _rows(logits, y):
