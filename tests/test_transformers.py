@@ -374,3 +374,15 @@ def test_layernorm_closed_form_splits_tokens_within_max_memory():
     assert torch.allclose(a.class_loss, b.class_loss, rtol=1e-12, atol=1e-15)
     assert torch.equal(a.flips, b.flips) and torch.equal(a.exact_zero, b.exact_zero)
     assert torch.allclose(a.class_loss.sum(1), a.delta_loss, rtol=1e-12, atol=1e-15)
+
+
+def test_taylor_on_an_in_place_residual_says_why():
+    from weightablate import criteria
+
+    model = gpt()
+    X, y = lm_data()
+    with pytest.raises(ValueError, match=r"taylor needs the gradient and autograd cannot compute it"):
+        criteria.compute(model, "blocks.0.qkv", (X, y), ("taylor",))
+    for b in model.blocks:
+        b.inplace = False  # the same function, out of place: autograd follows it
+    assert criteria.compute(model, "blocks.0.qkv", (X, y), ("taylor",))["taylor"].abs().sum() > 0

@@ -306,7 +306,11 @@ class _Accumulator:
                         raise ValueError("the layer's weight is computed from parameters that do not require "
                                          "grad (a frozen, pruned weight?): the gradient is not available")
                     loss = F.cross_entropy(out.double(), y, reduction="sum")
-                    (g,) = torch.autograd.grad(loss, seen.get("w", weight))
+                    try:
+                        (g,) = torch.autograd.grad(loss, seen.get("w", weight))
+                    except RuntimeError as exc:  # e.g. an in-place residual add (x += ...) autograd refuses
+                        raise ValueError("taylor needs the gradient and autograd cannot compute it on this model: "
+                                         f"{str(exc).splitlines()[0]}") from None
                 self.g += g.double()
             else:
                 with torch.no_grad():
