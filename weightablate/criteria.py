@@ -50,6 +50,8 @@ from .data import batches
 from .plan import closed_form_head
 from .tokens import flat_tokens
 
+from .channel_criteria import CHANNEL_NAMES, channel_compute  # noqa: E402,F401  (one value per unit)
+
 NAMES = ("magnitude", "squared", "wanda", "taylor", "obd", "taylor2", "sparsegpt")
 IMPORTANCE = ("magnitude", "squared", "wanda", "taylor", "obd", "sparsegpt")  # larger = more important, >= 0
 SIGNED = ("taylor2",)  # a signed estimate of delta_loss
