@@ -64,7 +64,7 @@ def main():
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s, last train loss {loss.item():.3f} "
           f"(uniform: {torch.log(torch.tensor(float(VOCAB))):.3f}); evaluation: {X.shape[0]} sequences x {T} tokens")
     names = ("magnitude", "wanda", "sparsegpt", "taylor")
-    print(f"\n| layer | method | criterion | Spearman | Kendall | Spearman vs abs | top 10% | bottom 10% |")
+    print("\n| layer | method | criterion | Spearman | Kendall | Spearman vs abs | top 10% | bottom 10% |")
     print("|---|---|---|---|---|---|---|---|")
     for layer in ("blocks.0.qkv", "blocks.0.proj", "blocks.1.fc", "blocks.1.out"):
         t = time.perf_counter()

@@ -163,7 +163,8 @@ def test_token_labels_must_match_logits():
     X, y = lm_data()
     with pytest.raises(ValueError, match=r"labels of shape \(6, 7\) for logits \(6, 8, 23\)"):
         wa.ablate(model, "blocks.1.fc", (X, y[:, :7]), 2)
-    with pytest.raises(ValueError, match=r"method='closed_form' does not apply.*per token and method 'split'.*not a known element-wise map"):
+    with pytest.raises(ValueError, match=r"method='closed_form' does not apply.*per token and method 'split'.*"
+                                         r"not a known element-wise map"):
         wa.ablate(model, "blocks.0.qkv", (X, y), 2, method="closed_form")
 
 
