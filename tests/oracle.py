@@ -55,3 +55,37 @@ def oracle(model, layer: str, X, y, flat_idx, param="weight"):
             out["exact_zero"].append(bool(torch.equal(logits, base)))
     dtypes = {"delta_loss": torch.float64, "abs_sum": torch.float64, "round": torch.float64, "delta_kl": torch.float64}
     return {k: torch.tensor(v, dtype=dtypes.get(k)) for k, v in out.items()}
+
+
+def token_oracle(model, layer: str, X, y, flat_idx, param="weight", ignore_index=-100):
+    """The oracle for a language model: logits (N, T, V), labels (N, T); every token whose label is
+    not ``ignore_index`` counts once (summed token CE change, summed KL, flipped tokens)."""
+    m = copy.deepcopy(model).double().eval()
+    X = X.double() if X.is_floating_point() else X
+    t = getattr(m.get_submodule(layer), param).data
+    w = t.view(-1) if t.is_contiguous() else _Strided(t)
+    keep_tok = (y != ignore_index).reshape(-1)
+
+    def rows(logits):
+        return logits.reshape(-1, logits.shape[-1])[keep_tok]
+
+    labels = y.reshape(-1)[keep_tok]
+    with torch.no_grad():
+        base = rows(m(X))
+        ce0 = F.cross_entropy(base, labels, reduction="none")
+        logp0 = F.log_softmax(base, 1)
+        out = {k: [] for k in ("delta_loss", "abs_sum", "delta_kl", "flips")}
+        for idx in flat_idx.tolist():
+            keep = w[idx].item()
+            w[idx] = 0.0
+            logits = rows(m(X))
+            w[idx] = keep
+            diff = F.cross_entropy(logits, labels, reduction="none") - ce0
+            out["delta_loss"].append(diff.sum().item())
+            out["abs_sum"].append(diff.abs().sum().item())
+            out["delta_kl"].append((logp0.exp() * (logp0 - F.log_softmax(logits, 1))).sum().item())
+            out["flips"].append(int((logits.argmax(1) != base.argmax(1)).sum()))
+    out = {k: torch.tensor(v, dtype=torch.int64 if k == "flips" else torch.float64) for k, v in out.items()}
+    out["n_tokens"] = int(keep_tok.sum())
+    out["base_loss"] = ce0.mean().item()
+    return out

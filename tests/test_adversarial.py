@@ -334,8 +334,10 @@ def test_labels_as_a_list_and_sequence_input_message():
     r = wa.ablate(model, "fc1", (X, y.tolist()), 3, progress=False)
     assert r.n_samples == N
     seq = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Flatten(), nn.Linear(H * 7, C))
-    with pytest.raises(ValueError, match=r"input of shape \(N, 7, 6\)"):
-        wa.ablate(seq, "0", (torch.randn(N, 7, D), y), 3, progress=False)
+    Xs = torch.randn(N, 7, D)
+    r = wa.ablate(seq, "0", (Xs, y), 3, progress=False, precision="float64")  # a Linear on tokens: replay
+    ref = oracle(seq, "0", Xs, y, r.indices)
+    assert r.method == "replay" and torch.allclose(r.delta_loss, ref["delta_loss"], rtol=1e-7, atol=1e-12)
 
 
 # --- pruned layers, every precision and backend ------------------------------------------------

@@ -187,7 +187,7 @@ def test_no_closed_form():
     W = model.fc2.weight.detach()
     torch.testing.assert_close(criteria.taylor(model, "fc2", (X, y)), (g * W).abs(), rtol=1e-10, atol=1e-14)
     got = criteria.compute(model, "fc2", (X, y), strict=False)
-    assert set(got) == {"magnitude", "squared", "wanda", "taylor"}
+    assert set(got) == {"magnitude", "squared", "wanda", "taylor", "sparsegpt"}
     a = torch.relu(model.fc1(X)).detach()
     torch.testing.assert_close(got["wanda"], W.abs() * a.norm(dim=0)[None, :], rtol=1e-10, atol=0)
     assert_unchanged(model, snap)

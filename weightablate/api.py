@@ -74,10 +74,19 @@ def _check_model(model: nn.Module, device) -> torch.device:
                 device.type != "cpu" and device.index is not None and device.index != (model_device.index or 0)):
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}: move the model first "
                              "(model.to(device)); inputs are moved to the model's device for you")
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t in model.named_parameters():
         # the sum is finite when every element is (one cheap pass); it can also overflow: then look closer
         if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise ValueError(f"model: {name} contains NaN or inf")
+    for prefix, module in model.named_modules():
+        for bname, t in module.named_buffers(prefix=prefix, recurse=False):
+            if not t.is_floating_point():
+                continue
+            if isinstance(module, nn.modules.batchnorm._NormBase):  # running statistics: finite
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"model: {bname} contains NaN or inf")
+            elif torch.isnan(t).any():  # other buffers may hold -inf (an attention mask), never NaN
+                raise ValueError(f"model: buffer {bname} contains NaN")
     return model_device
 
 
@@ -112,7 +121,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     two losses, and summed over samples in float64.
 
     Args:
-        model: a classifier whose forward returns logits (N, C). Used in eval mode; its modes are
+        model: a classifier whose forward returns logits (N, C), or a language model returning
+            per-token logits (N, T, V) with labels (N, T): then every token whose label is not -100
+            counts as one prediction (weightablate.tokens; README "Transformers"). Used in eval mode; its modes are
             restored and its weights are never changed (bit-identical after the call).
         layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
             (grouped and depthwise included) anywhere in the model.
@@ -207,6 +218,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, target = _resolve_layer(model, layer)
+    if isinstance(target, nn.MultiheadAttention):
+        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: its output projection {name + '.out_proj'!r} "
+                        "is an nn.Linear that can be ablated; its packed in_proj_weight (q, k, v) cannot, it is used "
+                        "inside torch's fused attention function; to ablate q/k/v weights write the attention with "
+                        "nn.Linear layers for q, k and v (or one fused qkv nn.Linear) and "
+                        "F.scaled_dot_product_attention: replay follows them exactly")
     if not isinstance(target, TARGETS):
         raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
                         "layers can be ablated")
@@ -267,13 +284,16 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             if structure != "weight":
                 raise ValueError(f"backend='naive' with structure={structure!r}: the structured reference is "
                                  "weightablate.structured.naive_structured (the self-check runs it)")
-            out = naive_ablate(run, run_target, flat, list(stream), progress, by_class, param)
+            stream = list(stream)
+            labels_dim = stream[0][1].dim() if stream else 1
+            out = naive_ablate(run, run_target, flat, stream, progress, by_class, param)
             kind, head_desc, counts = "naive", "zero, evaluate, restore", {}
             base_loss, base_acc, n_samples = out.pop("base_loss"), out.pop("base_accuracy"), out.pop("n_samples")
         else:
             with distributed.fail_together():
                 stream = iter(stream)
                 first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
+                labels_dim = first[1].dim()
                 stream = itertools.chain([first], stream)
                 plan = _plan_structured if structure != "weight" else _plan_weights
                 scorer, check = plan(run, name, run_target, param, structure, local, first, resolved, mode,
@@ -305,7 +325,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         layer_shape=(n_out, n_in), weight_shape=tuple(tensor.shape), param=param, method=kind, head=head_desc,
         backend=resolved, mode=mode, structure=structure,
         precision=precision, seconds=time.perf_counter() - started,
-        extra={**({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+        extra={**({"counted": "tokens"} if labels_dim == 2 else {}),  # labels (N, T): per-token predictions
+               **({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
                   if tensor.dtype in HALF and precision == "model" else {}),
                **({"self_check": checked} if checked else {}), **counts})
 

@@ -15,12 +15,13 @@ class Captured:
     logits: torch.Tensor  # (N, C)
 
 
-def check_logits(out) -> torch.Tensor:
-    """The model's output must be one logits tensor (N, C)."""
+def check_logits(out, tokens: bool = False) -> torch.Tensor:
+    """The model's output must be one logits tensor (N, C), or (N, T, V) per token where ``tokens``."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: forward must return a logits tensor (N, C), got {type(out).__name__}")
-    if out.dim() != 2:
-        raise ValueError(f"model: expected logits of shape (N, C), got {tuple(out.shape)}")
+    if out.dim() != 2 and not (tokens and out.dim() == 3):
+        expected = "(N, C) or per token (N, T, V)" if tokens else "(N, C)"
+        raise ValueError(f"model: expected logits of shape {expected}, got {tuple(out.shape)}")
     return out
 
 

@@ -14,10 +14,18 @@ taylor         ``|g_ij * W_ij|``  (first-order Taylor/SNIP)  importance, >= 0
 obd            ``0.5 * h_ij * W_ij**2``  (Optimal Brain      importance, >= 0 for ReLU-family
                Damage)                                      heads and the logits layer
 taylor2        ``-g_ij * W_ij + 0.5 * h_ij * W_ij**2``       signed estimate of delta_loss
+sparsegpt      ``W_ij**2 / [H^-1]_jj``, ``H = X^T X + lam I``  importance, >= 0
+               (SparseGPT / Optimal Brain Surgeon)
 =============  ===========================================  =================================
 
 * ``a_j``: the layer's input feature ``j`` over all samples (``||a_j||_2 = sqrt(sum_n a_nj^2)``);
   for a Conv2d, the im2col feature ``(c, p, q)`` over all samples and output positions.
+* ``X``: the layer's inputs, one row per sample (per token for inputs (N, T, F): Wanda's norm and
+  SparseGPT's ``X^T X`` run over all tokens); ``lam = 0.01 * mean(diag(X^T X))`` as in SparseGPT.
+  sparsegpt is the layer-wise reconstruction error of Optimal Brain Surgeon (no loss involved);
+  nn.Linear layers only.
+* For per-token logits (N, T, V) the loss ``L`` sums the cross-entropy over the tokens whose label
+  is not -100, as ``ablate`` does.
 * ``g = dL/dW`` and ``h_ij = d^2 L / dW_ij^2`` (the EXACT diagonal of the Hessian), with ``L`` the
   cross-entropy SUMMED over the dataset, the same loss whose change ``weightablate.ablate`` reports
   as ``delta_loss``. Zeroing ``W_ij`` moves it by ``-W_ij``, so the second-order Taylor estimate of
@@ -40,14 +48,16 @@ from .api import _check_model, _resolve_layer
 from .capture import capture
 from .data import batches
 from .plan import closed_form_head
+from .tokens import flat_tokens
 
 from .channel_criteria import CHANNEL_NAMES, channel_compute  # noqa: E402,F401  (one value per unit)
 
-NAMES = ("magnitude", "squared", "wanda", "taylor", "obd", "taylor2")
-IMPORTANCE = ("magnitude", "squared", "wanda", "taylor", "obd")  # larger = more important, >= 0
+NAMES = ("magnitude", "squared", "wanda", "taylor", "obd", "taylor2", "sparsegpt")
+IMPORTANCE = ("magnitude", "squared", "wanda", "taylor", "obd", "sparsegpt")  # larger = more important, >= 0
 SIGNED = ("taylor2",)  # a signed estimate of delta_loss
 _NEEDS = {"magnitude": set(), "squared": set(), "wanda": {"act"}, "taylor": {"grad"}, "obd": {"hess"},
-          "taylor2": {"grad", "hess"}}
+          "taylor2": {"grad", "hess"}, "sparsegpt": {"xtx"}}
+SPARSEGPT_DAMP = 0.01  # SparseGPT's dampening: 1% of the mean diagonal of X^T X
 
 
 def _weight(layer) -> torch.Tensor:
@@ -122,6 +132,11 @@ def _compute(model, layer, data, names=NAMES, *, batch_size=None, strict=True):
         if strict:
             raise ValueError(reason)
         skipped["wanda"] = reason
+    if "sparsegpt" in names and not isinstance(target, nn.Linear):
+        reason = f"sparsegpt needs an nn.Linear layer, {name!r} is a {type(target).__name__}"
+        if strict:
+            raise ValueError(reason)
+        skipped["sparsegpt"] = reason
     names = tuple(n for n in names if n not in skipped)
     need = set().union(*(_NEEDS[n] for n in names))
     stats = _one_pass(model, name, target, data, need, batch_size, strict) if need else {}
@@ -145,7 +160,26 @@ def _compute(model, layer, data, names=NAMES, *, batch_size=None, strict=True):
             out[n] = 0.5 * stats["h"] * w * w
         elif n == "taylor2":
             out[n] = -stats["g"] * w + 0.5 * stats["h"] * w * w
+        elif n == "sparsegpt":
+            out[n] = sparsegpt_scores(w, stats["xtx"])
     return out, skipped
+
+
+def sparsegpt_scores(w: torch.Tensor, xtx: torch.Tensor, damp: float = SPARSEGPT_DAMP) -> torch.Tensor:
+    """SparseGPT/OBS saliency ``w_ij^2 / [H^-1]_jj`` with ``H = X^T X + damp * mean(diag(X^T X)) I``
+    (float64; Cholesky inverse, H is symmetric positive definite once dampened)."""
+    H = xtx.double().clone()
+    lam = damp * H.diagonal().mean()
+    H.diagonal().add_(lam if lam > 0 else 1.0)  # an all-zero input: any positive damping
+    hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal()
+    return w.double() ** 2 / hinv_diag[None, :]
+
+
+def sparsegpt(model: nn.Module, layer, data, *, batch_size: int | None = None) -> torch.Tensor:
+    """``W_ij**2 / [H^-1]_jj`` with ``H = X^T X + 0.01 mean(diag(X^T X)) I`` over all samples (and
+    tokens) of the layer's input (SparseGPT, Frantar & Alistarh 2023; Optimal Brain Surgeon's
+    saliency). nn.Linear layers; one forward pass over ``data``."""
+    return compute(model, layer, data, ("sparsegpt",), batch_size=batch_size)["sparsegpt"]
 
 
 # --- the pass ---------------------------------------------------------------------------------
@@ -169,6 +203,8 @@ def _one_pass(model, name, target, data, need, batch_size, strict):
                     if head is None:
                         head = closed_form_head(model, name, target, x[:2])
                     cap = capture(model, target, name, x)
+                    if cap.a.dim() != 2:
+                        raise ValueError(f"the layer's input {tuple(cap.a.shape)} has tokens")
                 except ValueError as exc:
                     if head is not None:
                         raise
@@ -202,6 +238,7 @@ class _Accumulator:
         self.g = torch.zeros(shape, dtype=torch.float64, device=dev) if "grad" in need else None
         self.h = torch.zeros(shape, dtype=torch.float64, device=dev) if "hess" in need else None
         self.act2 = None  # sum over samples (and positions) of the squared input features
+        self.xtx = None  # sparsegpt: X^T X of the layer's input (J, J)
 
     def _add_act(self, a2: torch.Tensor):
         self.act2 = a2 if self.act2 is None else self.act2 + a2
@@ -236,6 +273,13 @@ class _Accumulator:
             self.h += kappa.t() @ a2
         if "act" in self.need:
             self._add_act(a2.sum(0))
+        if "xtx" in self.need:
+            self._add_xtx(a)
+
+    def _add_xtx(self, a: torch.Tensor):
+        """X^T X over every sample (and token) of the layer's input, float64."""
+        x = a.double().reshape(-1, a.shape[-1])
+        self.xtx = x.t() @ x if self.xtx is None else self.xtx + x.t() @ x
 
     def hooked(self, model, target, x, y):
         """A forward (with autograd when the gradient is needed) with a hook on the target's input."""
@@ -259,11 +303,16 @@ class _Accumulator:
                 with torch.enable_grad():
                     out = model(x)
                     _check_logits(out)
+                    out, y = flat_tokens(out, y)  # per-token logits: the tokens that count
                     if "w" in seen and not seen["w"].requires_grad:
                         raise ValueError("the layer's weight is computed from parameters that do not require "
                                          "grad (a frozen, pruned weight?): the gradient is not available")
                     loss = F.cross_entropy(out.double(), y, reduction="sum")
-                    (g,) = torch.autograd.grad(loss, seen.get("w", weight))
+                    try:
+                        (g,) = torch.autograd.grad(loss, seen.get("w", weight))
+                    except RuntimeError as exc:  # e.g. an in-place residual add (x += ...) autograd refuses
+                        raise ValueError("taylor needs the gradient and autograd cannot compute it on this model: "
+                                         f"{str(exc).splitlines()[0]}") from None
                 self.g += g.double()
             else:
                 with torch.no_grad():
@@ -276,6 +325,8 @@ class _Accumulator:
             raise ValueError("the layer did not run in the model's forward pass")
         if "act" in self.need:
             self._add_act(_input_sq_sums(target, seen["a"].double()))
+        if "xtx" in self.need:
+            self._add_xtx(seen["a"])
 
     def result(self) -> dict:
         out = {"hess_error": self.hess_error}
@@ -285,12 +336,14 @@ class _Accumulator:
             out["h"] = self.h
         if "act" in self.need:
             out["act_norm"] = _expand_act(self.target, self.act2.sqrt())
+        if "xtx" in self.need:
+            out["xtx"] = self.xtx
         return out
 
 
 def _check_logits(out):
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError("model: forward must return a logits tensor (N, C)")
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
+        raise ValueError("model: forward must return a logits tensor (N, C) (or (N, T, V) per token)")
 
 
 def _unit_derivatives(head, z):

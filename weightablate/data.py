@@ -58,13 +58,13 @@ def _raw_batches(data, batch_size):
 
 
 def batches(data, batch_size: int | None, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Checked batches on ``device``: labels int64 (N,), floating inputs of the model's ``dtype``,
-    finite. Raises ValueError/TypeError naming ``data`` and the batch."""
+    """Checked batches on ``device``: labels int64 (N,) (or (N, T) per token: weightablate.tokens),
+    floating inputs of the model's ``dtype``, finite. Raises ValueError/TypeError naming ``data`` and the batch."""
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     total = 0
     for k, (x, y) in enumerate(_raw_batches(data, batch_size)):
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        if y.dim() not in (1, 2) or y.shape[0] != x.shape[0]:
             raise ValueError(f"data: batch {k} has labels of shape {tuple(y.shape)} for {x.shape[0]} inputs")
         if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
             raise TypeError(f"data: batch {k} labels must be integer class indices, got {y.dtype}")

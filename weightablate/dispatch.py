@@ -15,6 +15,7 @@ from .funnel import Funnel, funnel_plan
 from .graph import capture_values, trace
 from .plan import plan_head
 from .replay import Replay
+from .token_head import TokenClosedForm, plan_token_head
 
 PLAN_SAMPLES = 2  # samples of the first batch used to look at the model
 
@@ -32,6 +33,31 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
     graph = trace(model, name, target, param, x) if graph is None else graph
     values = capture_values(graph, x)
     reasons = []
+    a = values[graph.target.args[0]] if graph.target.args else None
+    logits = values[graph.logits]
+    why = None
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        why = f"the logits {tuple(logits.shape)} are per token"
+    elif isinstance(target, nn.Linear) and isinstance(a, torch.Tensor) and a.dim() > 2:
+        why = f"the layer's input {tuple(a.shape)} has tokens"
+    if why is not None:  # tokens: the LayerNorm closed form where it applies, else replay
+        if method == "funnel":
+            raise ValueError(f"method='funnel' does not apply to layer {name!r}: {why} (replay applies)")
+        if method in ("auto", "closed_form"):
+            try:
+                head = plan_token_head(graph, values, name)
+            except ValueError as exc:
+                if method == "closed_form":
+                    raise ValueError(f"method='closed_form' does not apply to layer {name!r}: {why} and {exc} "
+                                     "(replay applies)") from None
+                reasons.append(f"the LayerNorm closed form: {exc}")
+            else:
+                scorer = TokenClosedForm(graph, target, head, param, flat, want_flips, by_class, f" ({why})")
+                scorer.graph = graph
+                return scorer
+        return Replay(graph, target, param, flat, want_flips, by_class,
+                      f" ({why}: not the closed forms for (N, C) rows, not the funnel" +
+                      "".join(f"; not {r}" for r in reasons) + ")")
     if method in ("auto", "closed_form"):
         if isinstance(target, nn.Linear):
             try:
@@ -48,7 +74,6 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
                              "target (only torch.nn.Linear layers have a closed form)")
         else:
             reasons.append(f"closed form: needs an nn.Linear target, not {type(target).__name__}")
-    a = values[graph.target.args[0]] if graph.target.args else None
     if isinstance(target, nn.Linear) and (not isinstance(a, torch.Tensor) or a.dim() != 2):
         shape = f"(N, {', '.join(map(str, a.shape[1:]))})" if isinstance(a, torch.Tensor) else type(a).__name__
         raise ValueError(f"layer {name!r}: input of shape {shape}; only (N, features) inputs to a Linear target "

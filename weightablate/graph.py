@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .dataflow import SKIP_FRAMES, check_dataflow, where
+from .twins import twin
 
 # Nodes whose value is metadata of a tensor (its shape), not a function of its values: they do
 # not carry a change of the target's output.
@@ -99,6 +100,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, target: nn.Module):
         super().__init__()
         self.target = target
+        self.proxy_buffer_attributes = True  # a buffer sliced by a traced size (mask[:T, :T]) is a graph node
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         # where forward created the node, for messages (fx's record_stack_traces imports torch._dynamo,
@@ -115,6 +117,11 @@ class _Tracer(fx.Tracer):
         if m is not self.target and any(sub is self.target for sub in m.modules()):
             return False  # a torch.nn container of the target (TransformerEncoderLayer.linear1): open it
         return not isinstance(m, nn.Sequential) and torch_base(type(m)) is not None
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = twin(m) or forward  # a torch.nn forward fx cannot trace (weightablate.twins)
+        return super().call_module(m, forward, args, kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)

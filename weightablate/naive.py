@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .capture import check_logits
 from .data import check_labels
 from .progress import bar
+from .tokens import flat_labels, flat_tokens
 
 
 class Entries:
@@ -32,17 +33,19 @@ class Entries:
 
 
 def evaluate(model, batches):
-    """Per-batch logits of the model (no_grad)."""
+    """Per-batch logits of the model (no_grad), one row per prediction: per-token logits (N, T, V)
+    as (M, V) over the tokens that count (weightablate.tokens)."""
     with torch.no_grad():
-        return [check_logits(model(x)) for x, _ in batches]
+        return [flat_tokens(check_logits(model(x), tokens=True), y)[0] for x, y in batches]
 
 
 def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, by_class=False, param="weight"):
     """Returns dict of (K,) tensors: delta_loss, delta_kl (float64), flips, new_errors,
     new_correct (int64), exact_zero (bool), and base_loss, base_accuracy; each loss difference is taken per sample in the
-    model's dtype, as a naive user would, and summed in float64. ``flat_idx`` index ``layer.<param>``
+    model's dtype, as a naive user would, and summed in float64. Per-token logits count per token. ``flat_idx`` index ``layer.<param>``
     ("weight" of any shape, e.g. a Conv2d's, or "bias")."""
-    base = evaluate(model, batches)
+    given, base = batches, evaluate(model, batches)
+    batches = [(x, flat_labels(y)) for x, y in batches]  # the labels of the logits' rows
     for logits, (_, y) in zip(base, batches):
         check_labels(y, logits.shape[1])
     base_ce = [F.cross_entropy(l, y, reduction="none") for l, (_, y) in zip(base, batches)]
@@ -66,7 +69,7 @@ def naive_ablate(model, layer, flat_idx: torch.Tensor, batches, progress=None, b
             original = flat[idx].clone()
             try:
                 flat[idx] = 0
-                logits = evaluate(model, batches)
+                logits = evaluate(model, given)
             finally:
                 flat[idx] = original
             for l, (_, y), ce0, logp0, pred0, l0 in zip(logits, batches, base_ce, base_logp, base_pred, base):

@@ -69,6 +69,14 @@ class Delta:
         return full.reshape(K, N, self.size, *rest)
 
 
+@dataclass
+class Parts:
+    """The changes of a node that returns a tuple (a Delta or None per item); only [i] reads it."""
+    items: list
+    k: int
+    absolute: bool = False
+
+
 def merge(t):
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
@@ -143,6 +151,8 @@ class Propagator:
         vals = vals.to(self.dtype)
         out = self.values[node]
         K, N = flat.numel(), out.shape[0]
+        if isinstance(m, nn.Linear) and out.dim() > 2:
+            return self.token_delta(flat, vals, out)
         if self.param == "bias":
             rest = out.shape[2:]
             t = (-vals).view(K, 1, 1, *[1] * len(rest)).expand(K, N, 1, *rest)
@@ -168,6 +178,22 @@ class Propagator:
         t = -(vals[:, None, None, None] * patch.transpose(0, 1))
         return Delta(t[:, :, None], o, O)
 
+    def token_delta(self, flat, vals, out) -> Delta:
+        """A Linear on inputs (N, ..., J) (tokens): zeroing W[o, j] changes unit o at every token by
+        -W[o, j] x[..., j]; dense over the last axis (the units), zero but at o."""
+        K = flat.numel()
+        t = out.new_zeros(K, *out.shape, dtype=self.dtype)
+        ar = torch.arange(K, device=out.device)
+        if self.param == "bias":
+            t[ar, ..., flat] = -vals.view(K, *[1] * (out.dim() - 1))
+            return Delta(t, None, self.size_of(self.g.target))
+        x = self.base(self.g.target.args[0])
+        J = self.target.in_features
+        o, j = flat // J, flat % J
+        # a product of two values of the captured dtype: exact in float64
+        t[ar, ..., o] = -(vals.view(K, *[1] * (out.dim() - 1)) * x[..., j].movedim(-1, 0))
+        return Delta(t, None, self.size_of(self.g.target))
+
     # --- the rest of the graph ----------------------------------------------------------------
     def run(self, d0: Delta, stop=None):
         """The change at the logits (K, N, C) dense, or the Delta at ``stop``'s input."""
@@ -189,6 +215,13 @@ class Propagator:
 
     def apply(self, n: fx.Node, env: dict) -> Delta:
         r = None
+        x = n.args[0] if n.args else None
+        if isinstance(env.get(x), Parts):  # out[i] of a module that returns a tuple
+            d = env[x].items[n.args[1]]
+            if d is None:
+                raise ValueError(f"replay: node {n.name!r}{where(n)} reads item {n.args[1]} of {x.name!r}, which "
+                                 "is not a tensor")
+            return d
         if any(env[a].absolute for a in n.all_input_nodes if a in env):
             pass  # new values of a bool/integer input: only the generic path reads them
         elif n.op == "call_module":
@@ -453,10 +486,27 @@ class Propagator:
             v = self.base(a, f64) if isinstance(a, fx.Node) else a
             return v.clone() if isinstance(v, torch.Tensor) else v  # an in-place op must not touch the cache
 
+        seq_first = [s for s in self.mods[n.target].modules() if getattr(s, "batch_first", True) is False] \
+            if n.op == "call_module" else []
+        if seq_first:  # nn.MultiheadAttention, nn.LSTM, ... (or a module holding one)
+            raise ValueError(f"replay: module {n.target!r} ({type(self.mods[n.target]).__name__}){where(n)} has "
+                             f"a {type(seq_first[0]).__name__} with batch_first=False: the first axis of its inputs "
+                             "is not the batch, so the ablations cannot be stacked along it; build it with "
+                             "batch_first=True")
         out = self._call(n, fx.node.map_aggregate(n.args, new), fx.node.map_aggregate(n.kwargs, new))
         if n not in self.out64:
             self.out64[n] = self._call(n, fx.node.map_aggregate(n.args, old), fx.node.map_aggregate(n.kwargs, old))
         base = self.out64[n]
+        if isinstance(out, tuple) and isinstance(base, tuple) and len(out) == len(base) and all(
+                u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                for u in n.users):
+            # a module returning a tuple (MultiheadAttention: output, weights) read by [i]: one change each
+            return Parts([self._change(n, o, b, K) if isinstance(o, torch.Tensor) else None
+                          for o, b in zip(out, base)], K)
+        return self._change(n, out, base, K)
+
+    def _change(self, n, out, base, K) -> Delta:
+        """The Delta of node n from its new values (K*N, ...) and base values (N, ...)."""
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}){where(n)} returns a "
                              f"{type(out).__name__}, not one tensor, from values that depend on the target; "
@@ -468,7 +518,17 @@ class Propagator:
                              "ablations cannot be stacked along it")
         if not base.is_floating_point():  # a comparison, argmax, ...: carry the new values themselves
             return Delta(unmerge(out, K), None, self.size_of(n), absolute=True)
-        return Delta((unmerge(out, K) - base.unsqueeze(0)).to(self.dtype), None, self.size_of(n))
+        new = unmerge(out, K)
+        change = new - base
+        if not self._finite(n, base):  # where both are the same -inf (a masked score) the change is 0, not NaN
+            change = torch.where(new == base, 0.0, change)
+        return Delta(change.to(self.dtype), None, base.shape[1] if base.dim() > 1 else 1)
+
+    def _finite(self, n, base) -> bool:
+        key = ("finite", n)
+        if key not in self.out64:
+            self.out64[key] = bool(torch.isfinite(base).all())
+        return self.out64[key]
 
     def _call(self, n, args, kwargs):
         if n.op == "call_module":

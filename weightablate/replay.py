@@ -38,6 +38,7 @@ class Replay:
         self.vals = None
         self.per_sample = 1
         self.why = why
+        self.tokens = True  # scores per-token logits (N, T, V) too (weightablate.tokens)
 
     @property
     def kind(self) -> str:
@@ -50,7 +51,7 @@ class Replay:
 
     def _prepare(self, x) -> torch.Tensor:
         values = capture_values(self.graph, x)
-        logits = check_logits(values[self.graph.logits])
+        logits = check_logits(values[self.graph.logits], tokens=True)
         self.prop.set_batch(values)
         if self.vals is None:
             self.vals = param_values(self.target, self.param, self.flat)
@@ -65,12 +66,13 @@ class Replay:
 
     def score(self, batch, sl: slice):
         d0 = self.prop.target_delta(self.flat[sl], self.vals[sl])
-        dl = self.prop.run(d0).double()
+        dl = batch.rows(self.prop.run(d0)).double()
         return score_logit_deltas(dl, batch, self.want_flips, self.by_class, self.prop.dtype)
 
 
 def score_logit_deltas(dl: torch.Tensor, batch, want_flips: bool, by_class: bool, flip_dtype=torch.float64):
-    """The sweep's 7-tuple from the change of the logits dl (K, N, C) float64.
+    """The sweep's 7-tuple from the change of the logits dl (K, N, C) float64 (N: the batch's rows,
+    its tokens that count for per-token logits).
 
     KL(p || p') = log sum_c p_c exp(dl_c - E_p dl) and dCE = KL + E_p dl - dl_y (docs/DESIGN.md):
     never the difference of two losses. Flips compare the ablated logits rounded to ``flip_dtype``

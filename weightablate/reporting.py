@@ -797,7 +797,7 @@ def render_html(d: dict, figures, title=None) -> str:
     head_rows = [[key.replace("_", " "), html.escape(str(d[key]))] for key in ("model", "model_weights", "data")
                  if key in d]
     head_rows += [["layer", f"{html.escape(str(layer))} ({rows}x{cols})"], ["weights ablated", d.get("n_weights")],
-                  ["samples", d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
+                  [d.get("counted", "samples"), d.get("n_samples")], ["method", html.escape(f"{d.get('method')} ({d.get('head')})")],
                   ["base loss (mean CE)", d.get("base_loss")], ["base accuracy", d.get("base_accuracy")],
                   ["ablation seconds", d.get("seconds")]]
     if "seed" in d:

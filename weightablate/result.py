@@ -69,7 +69,7 @@ class AblationResult:
 
     def __repr__(self) -> str:
         return (f"AblationResult({len(self)} weights of {self.layer!r} {tuple(self.layer_shape)}, "
-                f"{self.n_samples} samples, method={self.method!r}, backend={self.backend!r}, "
+                f"{self.n_samples} {self.extra.get('counted', 'samples')}, method={self.method!r}, backend={self.backend!r}, "
                 f"base_loss={self.base_loss:.6g}, base_accuracy={self.base_accuracy:.4f})")
 
     def coords(self) -> dict:

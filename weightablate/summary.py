@@ -71,6 +71,7 @@ def summarize(result, train_result=None, top: int = 5) -> dict:
         "weight_shape": list(result.weight_shape), "param": result.param, "position": position_names(result),
         "structure": getattr(result, "structure", "weight"),
         "n_samples": int(result.n_samples), "method": result.method, "head": result.head,
+        "counted": result.extra.get("counted", "samples"),  # "tokens" for per-token logits
         "backend": result.backend, "mode": result.mode, "precision": result.precision,
         "seconds": _f(result.seconds), "base_loss": _f(result.base_loss),
         "base_accuracy": _f(result.base_accuracy),
@@ -160,7 +161,7 @@ def format_summary(d: dict) -> str:
                                                              "bias entries" if d.get("param") == "bias" else "weights")
     lines = [
         f"layer {d['layer']} ({'x'.join(map(str, shape))}), {d['n_weights']} {what} ablated one at a time, "
-        f"{count(d['n_samples'], 'sample')}",
+        f"{count(d['n_samples'], d.get('counted', 'samples').rstrip('s'))}",
         f"method {d['method']} ({d['head']}), backend {d['backend']}, mode {d['mode']}, "
         f"precision {d['precision']}, {d['seconds']:.2f} s",
         f"base: loss {d['base_loss']:.6g}, accuracy {d['base_accuracy']:.4f}",

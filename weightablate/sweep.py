@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError, DataHash
 from .data import check_labels
 from .memory import check_result_fits
 from .progress import SweepProgress
+from .tokens import is_tokens, token_positions
 
 FIELDS = ("delta_loss", "delta_kl", "flips", "new_errors", "new_correct")
 
@@ -21,9 +22,16 @@ FIELDS = ("delta_loss", "delta_kl", "flips", "new_errors", "new_correct")
 @dataclass
 class Batch:
     """The unablated model's view of one batch, shared by every chunk of weights."""
-    logits: torch.Tensor  # (N, C) float64
+    logits: torch.Tensor  # (N, C) float64; per token: (M, V) over the M tokens that count
     probs: torch.Tensor  # (N, C) float64 softmax
     labels: torch.Tensor  # (N,) int64
+    tokens: torch.Tensor | None = None  # per-token logits: the M tokens' flat indices into (N*T), else None
+
+    def rows(self, dl: torch.Tensor) -> torch.Tensor:
+        """A change of the model's logits (K, N, C) or (K, N, T, V) as (K, rows of the batch, C)."""
+        if self.tokens is None:
+            return dl
+        return dl.reshape(dl.shape[0], -1, dl.shape[-1])[:, self.tokens]
 
     @property
     def n(self) -> int:
@@ -78,14 +86,18 @@ class Totals:
 
 
 def make_batch(logits: torch.Tensor, labels: torch.Tensor, n_classes: int | None) -> tuple[Batch, float]:
-    """The batch and its summed cross-entropy."""
+    """The batch and its summed cross-entropy; per-token logits (N, T, V) become one row per token
+    that counts (weightablate.tokens)."""
+    tokens = token_positions(logits, labels)
+    if tokens is not None:
+        logits, labels = logits.reshape(-1, logits.shape[-1])[tokens], labels.reshape(-1)[tokens]
     if n_classes is not None and logits.shape[1] != n_classes:
         raise ValueError(f"model: {logits.shape[1]} logits in one batch, {n_classes} in an earlier one")
     check_labels(labels, logits.shape[1])
     logits = logits.double()
     logp = F.log_softmax(logits, 1)
     ce = -logp.gather(1, labels[:, None]).sum().item()
-    return Batch(logits=logits, probs=logp.exp(), labels=labels), ce
+    return Batch(logits=logits, probs=logp.exp(), labels=labels, tokens=tokens), ce
 
 
 class Interrupted(KeyboardInterrupt):
@@ -180,13 +192,16 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
             if b == hashed - 1 and digest != state["data_hash"]:  # the batch an interruption split
                 _data_differs(checkpoint, hashed)
             logits = method.prepare(x, y)
+            if is_tokens(logits) and not getattr(method, "tokens", False):
+                raise ValueError(f"model: per-token logits {tuple(logits.shape)}: method {method.kind!r} scores (N, C) "
+                                 "logits only; replay scores per-token losses (method='replay')")
             if totals is None:
-                check_result_fits(K, logits.shape[1], by_class, logits.device)
-                totals = Totals(K, logits.device, logits.shape[1], by_class)
+                check_result_fits(K, logits.shape[-1], by_class, logits.device)
+                totals = Totals(K, logits.device, logits.shape[-1], by_class)
                 if state is not None:
                     totals.load_state(state["totals"])
             batch, ce = make_batch(logits, y, totals.n_classes)
-            step = method.chunk_size(batch.n, max_memory)
+            step = method.chunk_size(batch.n if batch.tokens is None else x.shape[0], max_memory)  # per sequence
             first = partial if b == done else 0
             for s in range(first, K, step):
                 sl = slice(s, s + step)
@@ -200,7 +215,7 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
             with _no_interrupt():
                 totals.n += batch.n
                 totals.ce_sum += ce
-                totals.correct += int((logits.argmax(1) == y).sum())
+                totals.correct += int((batch.logits.argmax(1) == batch.labels).sum())
                 where[:] = b + 1, 0, digest
             unsaved = True
             prog.at(b + 1, 0)

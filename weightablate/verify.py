@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .model_copy import copy_model
 from .naive import Entries
+from .tokens import flat_tokens
 
 SAMPLES = 8  # of the first batch
 LARGEST, RANDOM = 2, 2  # probe weights: the largest |w| and a few drawn at random
@@ -47,16 +48,16 @@ def naive64(model64, name: str, param: str, flat: torch.Tensor, x, y) -> dict:
     x = x.double() if x.is_floating_point() else x
     out = {k: [] for k in ("delta_loss", "abs_sum", "delta_kl", "round")}
     with torch.no_grad():
-        base = model64(x)
-        ce0, logp0 = F.cross_entropy(base, y, reduction="none"), F.log_softmax(base, 1)
+        base, rows = flat_tokens(model64(x), y)  # per-token logits: one row per token that counts
+        ce0, logp0 = F.cross_entropy(base, rows, reduction="none"), F.log_softmax(base, 1)
         for idx in flat.tolist():
             keep = store[idx].clone()
             try:
                 store[idx] = 0
-                logits = model64(x)
+                logits = flat_tokens(model64(x), y)[0]
             finally:
                 store[idx] = keep
-            diff = F.cross_entropy(logits, y, reduction="none") - ce0
+            diff = F.cross_entropy(logits, rows, reduction="none") - ce0
             out["delta_loss"].append(diff.sum().item())
             out["abs_sum"].append(diff.abs().sum().item())
             out["delta_kl"].append((logp0.exp() * (logp0 - F.log_softmax(logits, 1))).sum().item())

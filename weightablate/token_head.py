@@ -1,0 +1,239 @@
+"""The closed form for a Linear whose change reaches the logits token-wise through a LayerNorm: the
+last MLP of a GPT (fc -> GELU -> proj -> residual add -> final LayerNorm -> LM head, per token) or
+of a ViT whose head reads one token.
+
+Zeroing ``W[i, j]`` changes unit ``i`` at token t by the scalar ``d_t = s(z_ti - W_ij a_tj) - s(z_ti)``
+(``s``: the element-wise maps after the target), so the LayerNorm's input moves along one direction
+``p`` (the column ``P[:, i]`` of the Linear after ``s``, or ``e_i`` when the target feeds the residual
+itself): ``h + d p``. With ``hc``, ``pc`` the centred vectors, ``var`` and ``cov`` means over the D
+features, LN(h + d p) = gamma * (hc + d pc) / s(d) + beta with
+    s(d)^2 = var_h + 2 d cov(h, p) + d^2 var_p + eps,
+so the logits stay in a two-dimensional family: with ``A_t = V (gamma * hc_t)`` (per token) and
+``B_i = V (gamma * pc_i)`` (per unit), the change of the logits is
+    dl = A_t (1/s(d) - 1/s(0)) + d B_i / s(d),
+where ``1/s(d) - 1/s(0) = -(2 d cov + d^2 var_p) / (s(d) s(0) (s(d) + s(0)))`` has no cancellation.
+That is O(V) per (weight, token) instead of replaying the D x V head; dl is then scored like
+replay's (weightablate.replay.score_logit_deltas). All in float64 from the captured values.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import check_logits
+from .dataflow import describe
+from .graph import capture_values
+from .memory import CPU_REPLAY_BYTES
+from .plan import _node_step
+from .replay import param_values, score_logit_deltas
+from .sweep import Batch
+
+ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+BYTES_PER_ENTRY = 8 * 6  # float64 (pairs x tokens x vocabulary) blocks: dl, its products, the scoring's
+
+
+@dataclass
+class TokenHead:
+    steps: list  # element-wise steps after the target (weightablate.plan's form)
+    proj: nn.Linear | None  # the Linear after them; None: the target's output is added to the residual
+    add: object  # the residual add node (its value: the LayerNorm's input)
+    ln: nn.LayerNorm
+    head: nn.Linear
+    token: int | None  # the head reads this one token (a ViT's class token); None: every token
+    description: str
+
+
+def plan_token_head(graph, values: dict, name: str) -> TokenHead:
+    """Prove the pattern on the traced graph, or raise ValueError naming the node that breaks it."""
+    mods = dict(graph.module.named_modules())
+    dependent = set(graph.dependent)
+    target = mods[graph.target.target]
+    if not isinstance(target, nn.Linear):
+        raise ValueError("needs an nn.Linear target")
+    units = values[graph.target].shape[-1]
+    current, steps, proj, add, ln, token, head, names = graph.target, [], None, None, None, None, None, []
+    for n in graph.dependent[1:]:
+        deps = [a for a in n.all_input_nodes if a in dependent]
+        if deps != [current]:
+            raise ValueError(f"{describe(n)} reads {len(deps)} changed values (a branch after {name!r})")
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if head is not None:
+            raise ValueError(f"{describe(n)} runs after the head {head!r}")
+        if n.target not in ADD and n.args[:1] != (current,):
+            raise ValueError(f"{describe(n)} reads the changed value other than as its first argument")
+        if _node_step(n, mods, units, target.weight.device) is None:
+            pass  # dropout, identity
+        elif add is None and (n.op in ("call_function", "call_method") and n.target in ADD):
+            if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+                raise ValueError(f"{describe(n)}: the residual add must add two tensors")
+            other = n.args[1] if n.args[0] is current else n.args[0]
+            if values[other].shape != values[n].shape or values[current].shape != values[n].shape:
+                raise ValueError(f"{describe(n)} broadcasts")
+            add = n
+        elif add is None and proj is None and isinstance(m, nn.Linear):
+            if n.args[1:] or n.kwargs:
+                raise ValueError(f"{describe(n)} takes extra arguments")
+            proj = m
+            names.append(n.target)
+        elif add is None and proj is None:
+            step = _node_step(n, mods, units, target.weight.device)
+            if step == "break":
+                raise ValueError(f"{describe(n)} after {name!r} is not a known element-wise map")
+            if step is not None:
+                steps.append(step)
+                names.append(type(m).__name__ if m is not None else str(getattr(n.target, "__name__", n.target)))
+        elif add is not None and ln is None and isinstance(m, nn.LayerNorm):
+            if n.args[1:] or n.kwargs or len(m.normalized_shape) != 1:
+                raise ValueError(f"{describe(n)}: a LayerNorm over the last axis is needed")
+            ln = (n, m)
+        elif add is not None and token is None and n.op == "call_function" and n.target is operator.getitem \
+                and _one_token(n.args[1]) is not None and values[current].dim() == 3:
+            token = _one_token(n.args[1])
+        elif ln is not None and isinstance(m, nn.Linear):
+            if n.args[1:] or n.kwargs:
+                raise ValueError(f"{describe(n)} takes extra arguments")
+            head = n.target
+        else:
+            raise ValueError(f"{describe(n)} does not fit fc -> element-wise -> Linear -> residual add -> "
+                             "LayerNorm -> head")
+        current = n
+    if head is None or current is not graph.logits:
+        raise ValueError("the change does not reach the logits through a residual add, a LayerNorm and a final "
+                         "Linear")
+    if values[graph.target].shape[:-1] != values[add].shape[:-1]:
+        raise ValueError(f"{name!r}'s output {tuple(values[graph.target].shape)} and the residual "
+                         f"{tuple(values[add].shape)} do not have the same tokens")
+    if token is None and values[graph.logits].shape[:-1] != values[add].shape[:-1]:
+        raise ValueError(f"the logits {tuple(values[graph.logits].shape)} are not one row per token of the "
+                         f"residual {tuple(values[add].shape)}")
+    if proj is None and units != values[add].shape[-1]:
+        raise ValueError(f"{name!r} gives {units} features, the residual has {values[add].shape[-1]}")
+    chain = " -> ".join([name] + names + ["+ residual", ln[0].target] + ([f"[:, {token}]"] if token is not None
+                                                                          else []) + [head])
+    return TokenHead(steps, proj, add, ln[1], mods[head], token, chain)
+
+
+def _one_token(index):
+    """k for an index x[:, k] (k an int), else None."""
+    if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], int):
+        return index[1]
+    return None
+
+
+class TokenClosedForm:
+    """Scores each (weight, token) pair in O(V) from the two-dimensional LayerNorm family above."""
+
+    def __init__(self, graph, target: nn.Linear, th: TokenHead, param: str, flat: torch.Tensor, want_flips: bool,
+                 by_class: bool, why: str):
+        self.graph, self.target, self.th, self.param = graph, target, th, param
+        self.flat = flat.to(target.weight.device)
+        self.want_flips, self.by_class, self.why = want_flips, by_class, why
+        self.tokens = True
+        self.vals = None
+        f64 = torch.float64
+        self.V = th.head.weight.detach().to(f64)  # (vocab, D)
+        D = self.V.shape[1]
+        self.gamma = th.ln.weight.detach().to(f64) if th.ln.weight is not None else torch.ones(D, dtype=f64,
+                                                                                               device=self.V.device)
+        beta = th.ln.bias.detach().to(f64) if th.ln.bias is not None else None
+        self.c = (self.V @ beta if beta is not None else 0) + (
+            th.head.bias.detach().to(f64) if th.head.bias is not None else 0)
+        self.P = th.proj.weight.detach().to(f64) if th.proj is not None else None  # (D, I)
+        self.n_vocab = self.V.shape[0]
+
+    @property
+    def kind(self) -> str:
+        return "layernorm"
+
+    @property
+    def description(self) -> str:
+        return f"{self.th.description}: LayerNorm closed form, O(vocabulary) per weight and token" + self.why
+
+    def prepare(self, x, y) -> torch.Tensor:
+        values = capture_values(self.graph, x)
+        logits = check_logits(values[self.graph.logits], tokens=True)
+        a, z, h = values[self.graph.target.args[0]], values[self.graph.target], values[self.th.add]
+        if self.th.token is not None:
+            a, z, h = a[:, self.th.token], z[:, self.th.token], h[:, self.th.token]
+            rows = None
+        else:
+            rows = _rows(logits, y)
+        f64 = torch.float64
+        self.a, self.z, h = (t.reshape(-1, t.shape[-1]).to(f64) for t in (a, z, h))
+        if rows is not None:
+            self.a, self.z, h = self.a[rows], self.z[rows], h[rows]
+        self.hc = h - h.mean(1, keepdim=True)
+        self.var_h = (self.hc * self.hc).mean(1)
+        self.s0 = torch.sqrt(self.var_h + self.th.ln.eps)
+        self.A = (self.hc * self.gamma) @ self.V.t()  # (M, vocab)
+        if self.vals is None:
+            self.vals = param_values(self.target, self.param, self.flat)
+        return logits
+
+    def chunk_size(self, n: int, max_memory: int) -> int:
+        self.budget = min(max_memory, CPU_REPLAY_BYTES) if self.flat.device.type == "cpu" else max_memory
+        return max(1, self.budget // (BYTES_PER_ENTRY * max(self.a.shape[0], 1) * self.n_vocab))
+
+    def unit_deltas(self, sl: slice):
+        """(K, M) change d of each pair's unit after the element-wise maps, and the units."""
+        flat, w = self.flat[sl], self.vals[sl]
+        if self.param == "bias":
+            i = flat
+            u = self.z[:, i].t()
+            up = u - w[:, None]
+        else:
+            J = self.target.in_features
+            i, j = flat // J, flat % J
+            u = self.z[:, i].t()
+            up = u - w[:, None] * self.a[:, j].t()
+        for step in self.th.steps:  # as weightablate.plan.Head.deltas
+            if step[0] == "affine":
+                g, s = step[1][i][:, None], step[2][i][:, None]
+                u, up = g * u + s, g * up + s
+            elif step[0] == "leaky":
+                sl_ = step[1][i][:, None]
+                u, up = torch.where(u > 0, u, sl_ * u), torch.where(up > 0, up, sl_ * up)
+            else:
+                u, up = step[1](u), step[1](up)
+        return up - u, i
+
+    def score(self, batch, sl: slice):
+        d, i = self.unit_deltas(sl)  # (K, M)
+        if self.P is not None:
+            p = self.P[:, i].t()  # (K, D)
+        else:
+            p = torch.zeros(i.numel(), self.V.shape[1], dtype=torch.float64, device=self.V.device)
+            p[torch.arange(i.numel(), device=p.device), i] = 1.0
+        pc = p - p.mean(1, keepdim=True)
+        var_p = (pc * pc).mean(1)[:, None]  # (K, 1)
+        cov = (pc @ self.hc.t()) / pc.shape[1]  # (K, M)
+        B = (pc * self.gamma) @ self.V.t()  # (K, vocab)
+        s0 = self.s0[None]
+        grow = d * (2 * cov + d * var_p)  # s(d)^2 - s(0)^2
+        s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
+        alpha = -grow / (s * s0 * (s + s0))  # 1/s(d) - 1/s(0)
+        beta = d / s
+        # (pairs x tokens x vocabulary) blocks within the budget: tokens are split when one pair's are too many
+        K, M = d.shape
+        step = max(1, getattr(self, "budget", CPU_REPLAY_BYTES) // (BYTES_PER_ENTRY * K * self.n_vocab))
+        total = None
+        for r in (slice(t, t + step) for t in range(0, M, step)):
+            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[:, None, :]
+            rows = Batch(logits=batch.logits[r], probs=batch.probs[r], labels=batch.labels[r])
+            parts = score_logit_deltas(dl, rows, self.want_flips, self.by_class,
+                                       torch.promote_types(self.target.weight.dtype, torch.float32))
+            total = parts if total is None else tuple(
+                a | b if a.dtype == torch.bool else a + b for a, b in zip(total, parts))
+        return total
+
+
+def _rows(logits, y):
+    """Flat token indices (into N*T) of the predictions that count."""
+    from .tokens import token_positions
+
+    pos = token_positions(logits, y)
+    return pos if pos is not None else torch.arange(logits.shape[0], device=logits.device)

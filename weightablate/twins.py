@@ -1,0 +1,87 @@
+"""Traceable forwards for torch.nn modules whose own forward torch.fx cannot trace.
+
+nn.TransformerEncoder and nn.TransformerEncoderLayer choose between a fused fast path and the
+plain computation with ``if``s on tensor properties (``src.dim()``, ``src.is_nested``), which fx
+refuses. When such a module must be opened (it holds the target layer), the tracer runs the twin
+below instead: torch's plain path, the same function of the inputs.
+
+nn.MultiheadAttention is a leaf (replay runs it as a module on the changed inputs, in float64)
+unless its out_proj is the target: then it is traced as two nodes, the attention context (one call
+of torch's own multi_head_attention_forward with an identity output projection, which is exact:
+one product by 1 and zeros per entry) and out_proj called as the nn.Linear it is."""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+
+def _encoder_layer(self: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
+                   is_causal: bool = False):
+    # torch's plain path; the masks go to MultiheadAttention as given (it canonicalises them itself)
+    x = src
+    if self.norm_first:
+        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = x + self._ff_block(self.norm2(x))
+    else:
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        x = self.norm2(x + self._ff_block(x))
+    return x
+
+
+def _encoder(self: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    if src_key_padding_mask is not None and getattr(self, "use_nested_tensor", False):
+        # its fast path (eval, no grad) returns zeros at the padded positions, the plain path does not
+        raise ValueError("model: an nn.TransformerEncoder built with enable_nested_tensor=True is given a "
+                         "src_key_padding_mask: its fused path writes zeros at the padded positions, which no "
+                         "traced graph follows; build it with enable_nested_tensor=False (the same function "
+                         "elsewhere), or use backend='naive'")
+    output = src
+    for mod in self.layers:
+        output = mod(output, src_mask=mask, is_causal=bool(is_causal),
+                     src_key_padding_mask=src_key_padding_mask)
+    if self.norm is not None:
+        output = self.norm(output)
+    return output
+
+
+def mha_context(query, key, value, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight,
+                bias_k, bias_v, num_heads: int, add_zero_attn: bool, key_padding_mask, need_weights: bool,
+                attn_mask, average_attn_weights: bool, is_causal: bool):
+    """nn.MultiheadAttention (batch_first, eval) up to its output projection: the context (N, T, E)
+    and the attention weights (or None), by torch's own function."""
+    E = query.shape[-1]
+    eye = torch.eye(E, dtype=query.dtype, device=query.device)
+    q, k, v = (t.transpose(1, 0) for t in (query, key, value))
+    ctx, weights = F.multi_head_attention_forward(
+        q, k, v, E, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn, 0.0, eye, None,
+        training=False, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=in_proj_weight is None, q_proj_weight=q_proj_weight, k_proj_weight=k_proj_weight,
+        v_proj_weight=v_proj_weight, average_attn_weights=average_attn_weights, is_causal=is_causal)
+    return ctx.transpose(1, 0), weights
+
+
+torch.fx.wrap("mha_context")  # one graph node: its mask handling branches on tensor properties
+
+
+def _mha(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+         average_attn_weights=True, is_causal=False):
+    if not self.batch_first:
+        raise ValueError("model: an nn.MultiheadAttention whose out_proj is the target has batch_first=False: the "
+                         "batch is not the first axis of its inputs, which replay needs; build it with "
+                         "batch_first=True")
+    ctx, weights = mha_context(query, key, value, self.in_proj_weight, self.in_proj_bias, self.q_proj_weight,
+                               self.k_proj_weight, self.v_proj_weight, self.bias_k, self.bias_v, self.num_heads,
+                               self.add_zero_attn, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                               is_causal)
+    return self.out_proj(ctx), weights
+
+
+TWINS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _encoder, nn.MultiheadAttention: _mha}
+
+
+def twin(module: nn.Module):
+    """The traceable forward of ``module`` (bound), or None when fx traces its own."""
+    f = TWINS.get(type(module))
+    return (lambda *args, **kwargs: f(module, *args, **kwargs)) if f is not None else None
