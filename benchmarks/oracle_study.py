@@ -21,8 +21,8 @@ Protocol (every number from the train split unless it says test; one thread):
   Weight level (CNN): ``weight_k`` weights drawn per layer, exact single-weight delta against
   weightablate.criteria and, for the convs, OBD/taylor2 from the Gauss-Newton diagonal (which is the
   Hessian's diagonal here: the CNN's logits are piecewise linear in each layer's weights).
-* part 2: ``masks`` random masks removing half the channels of ``mask_layer`` (and, separately,
-  half of its weights); per mask the exact pruned train loss (one float64 evaluation) and the test
+* part 2: ``masks`` random masks removing half the channels of ``mask_channels`` (and, separately,
+  half of the weights of ``mask_weights``); per mask the exact pruned train loss (one float64 evaluation) and the test
   loss/accuracy after the same fine-tune (``ft_epochs`` of Adam, same seed, masks held). Kendall tau
   with a bootstrap interval; the single-unit oracle's additive prediction and its own mask.
 * part 3: MobileNetV3-Small, ``p3_seeds`` seeds (the model is trained with the seed), 50% of the
@@ -56,14 +56,15 @@ class Config:
     image: int = 16
     train_n: int | None = None  # None: the whole train split (1,257 images)
     test_n: int | None = None
-    cnn_epochs: int = 8
+    cnn_epochs: int = 20
     mn_epochs: int = 10
     lr: float = 2e-3
     mn_channels: int = 12  # channels drawn per MobileNet layer (part 1)
     mn_samples: int = 256  # train images for MobileNet's oracle and criteria (part 1)
-    weight_k: int = 1024  # weights drawn per CNN layer (weight level)
+    weight_k: tuple = (("conv1", 64), ("conv2", 64), ("conv3", 2048), ("fc", 640))  # weights drawn per layer
     masks: int = 200
-    mask_layer: str = "conv2"
+    mask_channels: str = "conv2"  # part 2: half of this layer's channels ...
+    mask_weights: str = "conv3"  # ... and half of this layer's weights
     ft_epochs: int = 1
     n_boot: int = 1000
     p3_seeds: int = 3
@@ -73,7 +74,7 @@ class Config:
     p3_importances: tuple = ("exact (root channel)", "magnitude", "taylor", "hessian", "bn_scale", "random")
 
 
-TINY = Config(image=16, train_n=96, test_n=48, cnn_epochs=1, mn_epochs=1, mn_channels=2, mn_samples=16, weight_k=24,
+TINY = Config(image=16, train_n=96, test_n=48, cnn_epochs=1, mn_epochs=1, mn_channels=2, mn_samples=16, weight_k=(("conv1", 8), ("conv2", 8), ("conv3", 24), ("fc", 24)),
               masks=6, ft_epochs=1, n_boot=50, p3_seeds=1, p3_samples=8, p3_epochs=1)
 
 
@@ -145,8 +146,8 @@ def weight_table(model, X, y, k, seed, log) -> list:
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         started = time.perf_counter()
-        res = wa.ablate(model, name, (X, y), weights=min(k, m.weight.numel()), seed=seed, precision="float64",
-                        progress=False, verify=False)
+        res = wa.ablate(model, name, (X, y), weights=min(k[name], m.weight.numel()), seed=seed, progress=False,
+                        verify=False)  # float32 capture (the float64 replay of a conv weight costs ~0.5 s)
         idx = res.indices
         sc = {c: v.reshape(-1)[idx] for c, v in wc.compute(model, name, (X, y), ("magnitude", "wanda", "taylor",
                                                                                   "obd", "taylor2"),
@@ -171,7 +172,7 @@ def part1(cfg: Config, log) -> dict:
     out["cnn"] = {"test": wp.evaluate(cnn, (Xt, yt)), "train": wp.evaluate(cnn, (X, y))}
     log(f"part 1: CNN test loss/acc {out['cnn']['test']}")
     out["cnn"]["channels"] = channel_table(cnn, X, y, None, 0, "float64", log)
-    out["cnn"]["weights"] = weight_table(cnn, X, y, cfg.weight_k, 0, log)
+    out["cnn"]["weights"] = weight_table(cnn, X, y, dict(cfg.weight_k), 0, log)
     X3, y3, Xt3, yt3 = load(cfg, 3)
     mn = trained_mobilenet(cfg, X3, y3)
     out["mobilenet"] = {"test": wp.evaluate(mn, (Xt3, yt3)), "train": wp.evaluate(mn, (X3, y3))}
@@ -232,24 +233,25 @@ def _masks_study(kind, base, n_units, single, apply_keep, X, y, Xt, yt, cfg, ext
             "dropped": n_drop}
 
 
-def part2(cfg: Config, cnn, part1_out, log) -> dict:
+def part2(cfg: Config, cnn, log) -> dict:
     X, y, Xt, yt = load(cfg, 1)
-    conv = cfg.mask_layer
+    conv, wl = cfg.mask_channels, cfg.mask_weights
     bn = dict(ws.conv_bn_pairs(cnn))[conv]
-    layer = cnn.get_submodule(conv)
+    layer, wlayer = cnn.get_submodule(conv), cnn.get_submodule(wl)
     single_ch = wa.ablate(cnn, conv, (X, y), structure="out", precision="float64", progress=False).delta_loss
-    single_w = wa.ablate(cnn, conv, (X, y), precision="float64", progress=False).delta_loss
+    single_w = wa.ablate(cnn, wl, (X, y), precision="float64", progress=False).delta_loss
     l1 = layer.weight.detach().double().abs().flatten(1).sum(1)
-    mag = layer.weight.detach().double().abs().reshape(-1)
+    mag = wlayer.weight.detach().double().abs().reshape(-1)
     base = {"test": wp.evaluate(cnn, (Xt, yt)), "train_loss64": ws.float64_loss(cnn, X, y)}
     channels = _masks_study("channels", cnn, layer.out_channels, single_ch,
                             lambda m, keep: ws.mask_channels(m, conv, bn, keep), X, y, Xt, yt, cfg,
                             {"single-channel oracle": single_ch, "l1 norm": l1}, log)
-    weights = _masks_study("weights", cnn, layer.weight.numel(), single_w,
-                           lambda m, keep: ws.mask_weights(m, conv, keep), X, y, Xt, yt, cfg,
+    weights = _masks_study("weights", cnn, wlayer.weight.numel(), single_w,
+                           lambda m, keep: ws.mask_weights(m, wl, keep), X, y, Xt, yt, cfg,
                            {"single-weight oracle (signed)": single_w, "single-weight oracle (|delta|)": single_w.abs(),
                             "magnitude": mag}, log)
-    return {"layer": conv, "base": base, "channels": channels, "weights": weights}
+    channels["layer"], weights["layer"] = conv, wl
+    return {"base": base, "channels": channels, "weights": weights}
 
 
 # --- part 3 -----------------------------------------------------------------------------------
@@ -359,7 +361,7 @@ def masks_markdown(p2) -> str:
     lines = []
     for kind in ("channels", "weights"):
         s = p2[kind]
-        lines += [f"**{s['dropped']} of {s['units']} {kind} of {p2['layer']}, {len(s['masks'])} random masks**", "",
+        lines += [f"**{s['dropped']} of {s['units']} {kind} of {s['layer']}, {len(s['masks'])} random masks**", "",
                   "| Kendall tau (95% bootstrap interval) | tau |", "| --- | --- |"]
         for k, v in s["kendall"].items():
             lines.append(f"| {k.replace('~', ' vs ')} | {v['tau']:.3f} ({v['low']:.3f}..{v['high']:.3f}) |")
@@ -414,7 +416,7 @@ def plot(result, path: Path) -> None:
             ax.scatter([r["train_loss_pruned"]], [r["test_loss"]], marker=mk, s=60, label=label)
         ax.set_xscale("log")
         tau = s["kendall"]["pruned_train_loss~test_loss_after_ft"]
-        ax.set_title(f"50% of {result['part2']['layer']} {kind}: tau = {tau['tau']:.2f} "
+        ax.set_title(f"50% of {s['layer']} {kind}: tau = {tau['tau']:.2f} "
                      f"({tau['low']:.2f}..{tau['high']:.2f})", fontsize=9)
         ax.set_xlabel("exact pruned train loss (float64)")
         ax.set_ylabel("test loss after the fine-tune")
@@ -452,7 +454,7 @@ def main(argv=None) -> int:
     result["seconds"]["part1"] = time.perf_counter() - t
     if 2 in parts:
         t = time.perf_counter()
-        result["part2"] = part2(cfg, cnn, result["part1"], log)
+        result["part2"] = part2(cfg, cnn, log)
         result["seconds"]["part2"] = time.perf_counter() - t
     if 3 in parts:
         t = time.perf_counter()

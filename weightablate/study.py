@@ -29,6 +29,7 @@ term has the second derivative of the logits, zero there); with Hardswish/Hardsi
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -199,8 +200,10 @@ def rank_correlations(score, truth) -> dict:
     def clean(v):
         return 0.0 if v is None or not math.isfinite(v) else float(v)
 
-    return {"spearman": clean(stats.spearmanr(s, t)[0]), "kendall": clean(stats.kendalltau(s, t)[0]),
-            "spearman_abs": clean(stats.spearmanr(np.abs(s), np.abs(t))[0]), "n": int(s.size)}
+    with warnings.catch_warnings():  # a constant side (e.g. a layer's all-equal BN gammas): 0, said above
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return {"spearman": clean(stats.spearmanr(s, t)[0]), "kendall": clean(stats.kendalltau(s, t)[0]),
+                "spearman_abs": clean(stats.spearmanr(np.abs(s), np.abs(t))[0]), "n": int(s.size)}
 
 
 def kendall_bootstrap(a, b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
