@@ -86,7 +86,7 @@ def main():
     X = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 1000, (args.images,), generator=torch.Generator().manual_seed(2))
     block = net.layer4[1]
-    res = wa.ablate(net, "layer4.1.conv2", (X, y), structure="out", progress=False)
+    res = wa.ablate(net, "layer4.1.conv2", (X, y), structure="branch", progress=False)  # meets the residual add
     units = torch.linspace(0, 511, args.naive_units).long().tolist()
     per_unit, dl = naive(net, X, y, units, lambda k: zero((block.conv2.weight, k), (block.bn2.weight, k),
                                                           (block.bn2.bias, k)))

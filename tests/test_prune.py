@@ -190,27 +190,14 @@ def test_channel_importance_is_row_and_column_sums(trained, split):
     assert torch.equal(wp.channel_importance(s, 1), s.sum(0))
     assert "NOT the effect of removing" in wp.CHANNEL_SCORE_LABEL
 
-    # the Torch-Pruning-style callable on a group of (dependency, indices) pairs
-    class Target:
-        def __init__(self, module):
-            self.module = module
+    # the Torch-Pruning importance on a real group: fc2's rows and fc3's columns of each channel
+    import torch_pruning as tp
 
-    class Dep:
-        def __init__(self, module, handler):
-            self.target, self.handler = Target(module), handler
-
-    def prune_linear_out_channels():
-        pass
-
-    def prune_linear_in_channels():
-        pass
-
-    idxs = [0, 3, 5]
-    group = [(Dep(trained.fc2, prune_linear_out_channels), idxs), (Dep(trained.relu2, prune_linear_out_channels), idxs),
-             (Dep(trained.fc3, prune_linear_in_channels), idxs)]
-    imp = wp.ChannelImportance(trained, split[0])(group)
+    DG = tp.DependencyGraph().build_dependency(trained, example_inputs=split[0][0][:1])
+    group = DG.get_pruning_group(trained.fc2, tp.prune_linear_out_channels, idxs=list(range(20)))
+    imp = wp.SummedWeightImportance(trained, split[0])(group)
     s3 = wp.importance(trained, "fc3", split[0])
-    assert torch.allclose(imp, s.sum(1)[idxs] + s3.sum(0)[idxs], rtol=0, atol=0)
+    assert torch.allclose(imp, s.sum(1) + s3.sum(0), rtol=1e-12, atol=1e-12)
 
 
 def test_iterative_is_reproducible_and_reaches_the_target(trained, split):

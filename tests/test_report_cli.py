@@ -135,3 +135,29 @@ def test_run_without_report(tmp_path, cache_home):
     assert not (out / "report.html").exists() and not list(out.glob("*.png"))
     assert weightablate.load(out / "results.npz").class_loss is None
     assert "criteria" not in json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name, damage, needle", [
+    ("criteria.npz", b"junk", "not a criteria file"),
+    ("activations.npz", b"junk", "not an activations file"),
+    ("criteria.npz", "short", "one score per weight"),
+    ("activations.npz", "short", "do not match"),
+])
+def test_report_of_damaged_side_files(run_dir, tmp_path, capsys, name, damage, needle):
+    """criteria.npz / activations.npz beside a result that are not what `run` wrote: exit 2, one line."""
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(run_dir, d)
+    if damage == "short":  # a valid npz whose arrays lost their last entry
+        with np.load(d / name) as z:
+            arrays = {k: (z[k][:-1] if z[k].ndim == 1 and k not in ("indices", "show_units") else z[k])
+                      for k in z.files}
+        with open(d / name, "wb") as fh:
+            np.savez(fh, **arrays)
+    else:
+        (d / name).write_bytes(damage)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(d), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err

@@ -181,14 +181,19 @@ def test_in(layer):
     check(res, removal(m, X, y, range(n), lambda mm, j: zero_in(getattr(mm, layer), j)))
 
 
-def test_residual_add_sees_zero():
-    """The channel meets the skip at the add: the add sees zero from it (its BN channel removed),
+def test_residual_add_out_is_refused_branch_sees_zero():
+    """The channel meets the skip at the add, which carries channel k on: "out" (removing the channel
+    from this layer alone) is refused; "branch": the add sees zero from it (its BN channel removed),
     the skip's channel stays; the change then goes through the add's ReLU and pooling (funnel)."""
     m = Residual().eval()
     X, y = data((3, 6, 6))
-    res = run(m, "conv", X, y, "out")
-    assert res.method == "funnel" and "'bn'" in res.head
+    with pytest.raises(ValueError, match="output channels of layer 'conv' meet 'relu' in the add 'add'.*"
+                                         "ExactChannelImportance.*structure='branch'"):
+        run(m, "conv", X, y, "out")
+    res = run(m, "conv", X, y, "branch")
+    assert res.method == "funnel" and "'bn'" in res.head and res.structure == "branch"
     check(res, removal(m, X, y, range(6), lambda mm, k: zero_out(mm.conv, k, mm.bn)))
+    assert list(res.coords()) == ["out"]
 
 
 def test_model_precision_and_unit_sample():
@@ -267,7 +272,7 @@ def test_resnet18_layer4_and_layer3():
             mod.bias.data.uniform_(-0.2, 0.2)
     X, y = data((3, 32, 32), n=6, classes=10)
     units = torch.tensor([0, 17, 300, 511])
-    res = run(net, "layer4.1.conv2", X, y, "out", weights=units)
+    res = run(net, "layer4.1.conv2", X, y, "branch", weights=units)  # meets the residual add
     assert res.method == "funnel", res.head
     check(res, removal(net, X, y, units.tolist(),
                        lambda mm, k: zero_out(mm.layer4[1].conv2, k, mm.layer4[1].bn2)))
@@ -285,8 +290,8 @@ def test_self_check_catches_a_wrong_change(monkeypatch):
                         lambda self, units: (lambda d: Delta(0.5 * d.t, d.idx, d.size))(right(self, units)))
     m = Residual().eval()
     X, y = data((3, 6, 6))
-    with pytest.raises(wa.VerificationError, match="structure='out'.*unit"):
-        wa.ablate(m, "conv", (X, y), structure="out")
+    with pytest.raises(wa.VerificationError, match="structure='branch'.*unit"):
+        wa.ablate(m, "conv", (X, y), structure="branch")
 
 
 def test_cli_run_structure_out(tmp_path, capsys):
@@ -381,3 +386,27 @@ def test_out_does_not_depend_on_how_a_map_is_spelled(spelling):
             m.fc2.weight[:, unit] = 0
             removed = F.cross_entropy(m(X.double()), y, reduction="sum").item()
         assert abs(r.delta_loss[k].item() - (removed - base)) <= 1e-9 * abs(removed - base) + 1e-12
+
+
+def test_the_only_path_to_a_class_and_a_dead_conv_channel():
+    """Class 2's logit reads hidden unit 7 alone: removing it leaves the logit at its bias. A conv
+    channel dead on every sample (ReLU of a negative constant) removes exactly nothing."""
+    m = mlp()
+    with torch.no_grad():
+        m[4].weight[2] = 0
+        m[4].weight[2, 7] = 3.0
+    X, y = data((8,))
+    res = run(m, "2", X, y, "out")
+    check(res, removal(m, X, y, range(12), lambda mm, k: zero_out(mm[2], k)))
+    others = torch.cat([res.delta_loss[:7], res.delta_loss[8:]]).abs().max()
+    assert res.flips[7] > 0 and res.delta_loss[7].abs() > others  # the class loses its only evidence
+
+    c = cnn()
+    with torch.no_grad():
+        c.conv1.weight[4] = 0
+        c.conv1.bias[4] = -1.0
+        c.bn1.running_mean[4], c.bn1.running_var[4], c.bn1.weight[4], c.bn1.bias[4] = 0.0, 1.0, 1.0, -2.0
+    X, y = data((3, 8, 8))
+    res = run(c, "conv1", X, y, "out")
+    check(res, removal(c, X, y, range(8), lambda mm, k: zero_out(mm.conv1, k, mm.bn1)))
+    assert res.exact_zero[4] and res.delta_loss[4] == 0 and not res.exact_zero[3]

@@ -105,9 +105,22 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path) -> "ActivationStats":
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            arrays = {k: z[k].copy() for k in z.files if k != "__meta__"}
+        """Read a file ``save`` wrote; a ValueError names the file and what is wrong with it."""
+        arrays_ = ("pass_fraction", "mean", "std", "min", "max", "median", "show_units", "show_values")
+        metas = ("layer", "kind", "n_units", "n_samples", "n_values", "median_rows", "at", "activation")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                arrays = {k: z[k].copy() for k in arrays_}
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # not an npz, pickled, a key missing, bad json
+            raise ValueError(f"{str(path)!r} is not an activations file written by weightablate: {exc}") from None
+        if not isinstance(meta, dict) or sorted(meta) != sorted(metas):
+            raise ValueError(f"{str(path)!r}: its metadata lacks or adds fields (expected {', '.join(metas)})")
+        n = meta["n_units"]
+        bad = [k for k in arrays_[:6] if arrays[k].shape != (n,)]
+        if bad or arrays["show_values"].ndim != 2 or arrays["show_values"].shape[1] != arrays["show_units"].size:
+            raise ValueError(f"{str(path)!r}: arrays {', '.join(bad) or 'show_values'} do not match its "
+                             f"{n} units")
         return cls(**meta, **arrays)
 
 

@@ -158,8 +158,10 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             the weight, and no result is returned. ``res.extra["self_check"]`` says what it found.
         structure: "weight" (default: each weight alone), "out" (whole output units/channels: row k and
             bias k, with what follows the channel on its own, removed; every consumer of the channel
-            sees zero from it) or "in" (whole input features/channels: column k of the weight zeroed in
-            this layer only). ``weights`` then indexes units (None, int K, or 1-D unit indices) and the
+            sees zero from it; a ValueError where the channel meets a residual add, whose skip carries
+            channel k on), "branch" (as "out", and at a residual add the add sees zero from this
+            branch's channel k, the skip keeps it) or "in" (whole input features/channels: column k of
+            the weight zeroed in this layer only). ``weights`` then indexes units (None, int K, or 1-D unit indices) and the
             result has one entry per unit (``res.structure``; ``weight`` holds the L2 norm of the
             removed weights). See weightablate/structured.py and the README.
 

@@ -40,12 +40,9 @@ def _weights_arg(text: str):
     if text.lower() == "all":
         return None
     try:
-        k = int(text)
-    except ValueError:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {k}")
-    return k
 
 
 def _add_loading_args(p, batch_help: str, out: str) -> None:
@@ -94,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--param", choices=("weight", "bias"), default="weight",
                      help="weight (default): ablate entries of the layer's weight; bias: its bias entries "
                           "(--weights then counts bias entries)")
-    run.add_argument("--structure", choices=("weight", "out", "in"), default="weight",
+    run.add_argument("--structure", choices=("weight", "out", "branch", "in"), default="weight",
                      help="weight (default): each weight alone; out: whole output units/channels (row/filter, "
                           "bias and what follows the channel on its own removed: its consumers see zero from "
-                          "it); in: whole input features/channels (the column zeroed in this layer only). "
+                          "it; refused where the channel meets a residual add); branch: as out, and at a residual "
+                          "add the add sees zero from this branch (the skip keeps the channel); in: whole input "
+                          "features/channels (the column zeroed in this layer only). "
                           "--weights then counts units")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     run.add_argument("--method", choices=METHODS, default="auto",

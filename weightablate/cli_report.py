@@ -124,6 +124,29 @@ def _load_all(paths):
     return out
 
 
+def _load_criteria(path, result, log):
+    """criteria.npz beside a result: ({name: per-weight scores}, notes), or (None, None) with a line in
+    the log when it scores other weights than ``result``; a CLIError when it is not such a file."""
+    import numpy as np
+
+    from .cli_common import CLIError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            idx = z["indices"]
+            criteria = {k: z[k] for k in z.files if k not in ("indices", "__notes__")}
+            notes = json.loads(str(z["__notes__"])) if "__notes__" in z.files else None  # source, what was left out
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise CLIError(f"{str(path)!r} is not a criteria file written by weightablate: {exc}") from None
+    if idx.shape != tuple(result.indices.shape) or not np.array_equal(idx, result.indices.numpy()):
+        log(f"{path}: scores other weights than the result; criteria left out of the report")
+        return None, None
+    bad = [k for k, v in criteria.items() if v.shape != (idx.shape[0],)]
+    if bad:
+        raise CLIError(f"{str(path)!r}: {', '.join(bad)} do not hold one score per weight ({idx.shape[0]})")
+    return criteria, notes
+
+
 def cmd_report(args) -> int:
     import numpy as np
 
@@ -143,15 +166,11 @@ def cmd_report(args) -> int:
                 raise CLIError(f"--train {str(p)!r}: no such file")
     result = concat(_load_all(files))
     train = concat(_load_all(train_files)) if train_files else None
-    criteria, notes = None, None
-    if crit_path is not None and len(files) == 1:
-        with np.load(crit_path) as z:
-            idx = z["indices"]
-            if idx.shape == tuple(result.indices.shape) and np.array_equal(idx, result.indices.numpy()):
-                criteria = {k: z[k] for k in z.files if k not in ("indices", "__notes__")}
-                if "__notes__" in z.files:
-                    notes = json.loads(str(z["__notes__"]))  # the criteria's source, what was left out
-    activations = ActivationStats.load(act_path) if act_path is not None and len(files) == 1 else None
+    criteria, notes = _load_criteria(crit_path, result, log) if crit_path is not None and len(files) == 1 else (None, None)
+    try:
+        activations = ActivationStats.load(act_path) if act_path is not None and len(files) == 1 else None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     for p in args.pruning or []:
         if not p.is_file():
             raise CLIError(f"--pruning {str(p)!r}: no such file")

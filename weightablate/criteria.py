@@ -41,6 +41,8 @@ from .capture import capture
 from .data import batches
 from .plan import closed_form_head
 
+from .channel_criteria import CHANNEL_NAMES, channel_compute  # noqa: E402,F401  (one value per unit)
+
 NAMES = ("magnitude", "squared", "wanda", "taylor", "obd", "taylor2")
 IMPORTANCE = ("magnitude", "squared", "wanda", "taylor", "obd")  # larger = more important, >= 0
 SIGNED = ("taylor2",)  # a signed estimate of delta_loss

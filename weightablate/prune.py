@@ -276,69 +276,6 @@ def channel_importance(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return scores.to(torch.float64).sum(dim=1 if dim in (0, -2) else 0)
 
 
-class ChannelImportance:
-    """A Torch-Pruning-style importance object: ``imp(group)`` returns one float64 score per channel
-    of the group's root, the sum over the group's ``nn.Linear`` members of ``channel_importance`` of
-    their single-weight scores (``criterion``, "exact" by default) -- out-channel sums for layers
-    pruned on their outputs, in-channel sums for layers pruned on their inputs. The same label
-    holds: a sum of single-weight effects, not the effect of removing the channel. Higher = keep.
-
-    Members the criterion cannot score (for "exact": a model torch.fx cannot trace, see
-    ``scorable_layers``) are skipped; a group with no scorable member gets ``None`` (Torch-Pruning
-    then leaves it alone).
-    It reads only ``for dep, idxs in group``, ``dep.target.module`` and ``dep.handler`` (whose name
-    must contain ``out_channels`` or ``in_channels``); members that are not nn.Linear add nothing.
-    Checked with Torch-Pruning 1.6.1 (``DependencyGraph`` groups, ``MetaPruner(importance=...)``);
-    Torch-Pruning is not a dependency. Scores are cached per layer until its weight tensor is
-    replaced or changed in place (``reset()`` clears the cache by hand).
-    """
-
-    label = CHANNEL_SCORE_LABEL
-
-    def __init__(self, model: nn.Module, data, criterion="exact", **ablate_kwargs):
-        self.model, self.data, self.criterion, self.ablate_kwargs = model, data, criterion, ablate_kwargs
-        self._cache: dict[tuple, torch.Tensor] = {}
-        self.unscorable: set[int] = set()  # ids of member layers "exact" cannot score (skipped)
-
-    def reset(self) -> None:
-        self._cache.clear()
-        self.unscorable.clear()
-
-    def scores(self, module: nn.Module) -> torch.Tensor:
-        w = module.weight  # a replaced (structurally pruned) or updated weight is scored again
-        key = (id(module), id(w), w._version, tuple(w.shape))
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != id(module)}
-            self._cache[key] = importance(self.model, module, self.data, self.criterion, **self.ablate_kwargs)
-        return self._cache[key]
-
-    def __call__(self, group, **_):
-        total = None
-        for dep, idxs in group:
-            module = dep.target.module
-            handler = getattr(dep.handler, "__name__", None) or type(dep.handler).__name__
-            if not isinstance(module, nn.Linear):
-                continue
-            if "out_channels" in handler:
-                dim = 0
-            elif "in_channels" in handler:
-                dim = 1
-            else:
-                continue
-            if id(module) in self.unscorable:
-                continue
-            try:
-                scores = self.scores(module)
-            except ValueError as exc:
-                if not str(exc).startswith("criterion='exact' cannot score"):
-                    raise
-                self.unscorable.add(id(module))
-                continue
-            s = channel_importance(scores, dim)[torch.as_tensor(list(idxs), dtype=torch.long)]
-            total = s if total is None else total + s
-        return total
-
-
 # --- the pruning method: signed ranking --------------------------------------------------------
 
 class SignedUnstructured(tprune.BasePruningMethod):
@@ -591,3 +528,8 @@ def iterative(model: nn.Module, layers, sparsity, data, *, criterion=DEFAULT_CRI
                      f"loss {rec['loss_pruned']:.4f} -> {rec['loss']:.4f}")
         say(line)
     return history
+
+
+# Torch-Pruning importance objects (imported last: they use importance() above)
+from .tp_importance import (ChannelImportance, ExactChannelImportance, SummedWeightImportance,  # noqa: E402,F401
+                            UnscorableGroup, UnscorableGroupWarning)

@@ -12,6 +12,9 @@
 * ``train_vs_test.png``     train vs test delta_loss of the same weights (with ``train_result``)
 * ``criteria.png``          pruning criteria against the exact delta (Spearman, Kendall, top/bottom overlaps)
 * ``taylor2_vs_delta.png``  the second-order estimate against the truth (with a model and data)
+* for a structured result (``structure="out"/"branch"/"in"``, one entry per unit) the same sections
+  over the units, with the channel-level criteria of ``weightablate.channel_criteria`` (filter L1/L2
+  norm, BatchNorm |gamma|, Taylor, Hessian) and ``hessian_vs_delta.png`` instead
 * ``activations_*.png``     pre-activation statistics of the layer (with a model and data)
 * ``pruning.png``           test accuracy against sparsity per pruning criterion (with ``pruning``:
                             ``weightablate prune``'s history.json or prune_experiment.json)
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from .figures import _BLUE, _GREY, _RED, DPI, _figure, _png
+from .report_pruning import fig_pruning, pruning_rows, pruning_table, summarize_pruning
 from .result import AblationResult, load
 from .summary import _corr, _distribution, _f, _np, count, positions, summarize, to_json
 
@@ -86,7 +90,8 @@ def concat(results) -> AblationResult:
     if torch.unique(merged["indices"]).numel() != merged["indices"].numel():
         raise ValueError("results: the same weight appears in several results")
     meta = {k: getattr(first, k) for k in ("n_samples", "base_loss", "base_accuracy", "layer", "layer_shape",
-                                            "weight_shape", "param", "method", "head", "backend", "mode", "precision")}
+                                            "weight_shape", "param", "method", "head", "backend", "mode", "precision",
+                                            "structure")}
     return AblationResult(**merged, **meta, seconds=sum(r.seconds for r in results))
 
 
@@ -579,8 +584,10 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
     if scores:
         rank_abs = _ranks(np.abs(dl))
         table, ranked = {}, {}
+        units = result.structure != "weight"
+        signed, estimate = (("taylor", "hessian"), "hessian") if units else (("taylor2",), "taylor2")
         for name, s in scores.items():
-            kind = "signed estimate of delta_loss" if name == "taylor2" else "importance (>= 0)"
+            kind = "signed estimate of delta_loss" if name in signed else "importance (>= 0)"
             prev = ranked.get("magnitude")
             if name == "squared" and prev is not None and _same_order(scores["magnitude"], s, prev.order):
                 # w^2 is a strictly increasing function of |w| here: every rank statistic is magnitude's
@@ -598,18 +605,20 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
         d["criteria"] = {"source": source, "n_weights": n, "fractions": list(FRACTIONS),
                          "set_sizes": [max(1, int(round(f * n))) for f in FRACTIONS], "scores": table,
                          "skipped": skipped}
-        add("criteria", "criteria", "Each pruning criterion against the exact delta_loss: rank correlations and "
-            "the overlap of its top (most important) and bottom (least important) sets with the truth's.",
-            fig_criteria(table))
-        if "taylor2" in scores:
+        what = "channel-level criterion against the exact effect of removing the unit" if units \
+            else "pruning criterion against the exact delta_loss"
+        add("criteria", "criteria", f"Each {what}: rank correlations and the overlap of its top (most important) "
+            "and bottom (least important) sets with the truth's.", fig_criteria(table))
+        if estimate in scores:
             fig, (ax,) = _figure(6.5, 5)
-            plot = _xy(ax, scores["taylor2"], dl, max_points, "taylor2 = -g w + h w²/2 (estimate)",
-                       "delta_loss (exact)")
-            lo, hi = float(min(scores["taylor2"].min(), dl.min())), float(max(scores["taylor2"].max(), dl.max()))
+            label = ("hessian = -g.θ + θ'Hθ/2 over the unit (estimate)" if units
+                     else "taylor2 = -g w + h w²/2 (estimate)")
+            plot = _xy(ax, scores[estimate], dl, max_points, label, "delta_loss (exact)")
+            lo, hi = float(min(scores[estimate].min(), dl.min())), float(max(scores[estimate].max(), dl.max()))
             ax.plot([lo, hi], [lo, hi], color=_RED, lw=0.7)
-            d["criteria"]["taylor2_plot"] = plot
-            add("criteria", "taylor2_vs_delta", "The second-order Taylor estimate against the exact change.", fig,
-                **plot)
+            d["criteria"][f"{estimate}_plot"] = plot
+            add("criteria", f"{estimate}_vs_delta", "The second-order Taylor estimate against the exact change.",
+                fig, **plot)
         say(f"report: criteria ({time.perf_counter() - started:.1f} s)")
 
     # 6. activations
@@ -632,8 +641,6 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
 
     # 7. pruning
     if pruning is not None:
-        from .report_pruning import fig_pruning, pruning_rows, summarize_pruning
-
         prune_summary = summarize_pruning(pruning_rows(pruning))
         d["pruning"] = prune_summary
         add("pruning", "pruning", "Test accuracy after pruning and fine-tuning, against sparsity: mean and sd over "
@@ -653,9 +660,14 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
 
 
 def _criteria_scores(result, given, model, layer, data, batch_size, out, notes=None):
+    """(scores at the result's weights or units, skipped criteria, where they came from)."""
     from . import criteria as crit
 
-    scores, skipped, source = {}, {}, "weights only (|w| and w^2; pass model and data for the others)"
+    units = result.structure != "weight"
+    names = crit.CHANNEL_NAMES if units else crit.NAMES
+    scores, skipped = {}, {}
+    source = ("the units' weight norms only (l2; pass model and data for the others)" if units
+              else "weights only (|w| and w^2; pass model and data for the others)")
     if given is not None:
         scores = {k: _pick(v, result) for k, v in given.items()}
         source, skipped = (notes or {}).get("source", "given"), dict((notes or {}).get("skipped") or {})
@@ -665,16 +677,22 @@ def _criteria_scores(result, given, model, layer, data, batch_size, out, notes=N
         source = "the bias values only (|b| and b^2)"
     elif model is not None and data is not None:
         target = layer if layer is not None else result.layer
-        full, skipped = crit._compute(model, target, data, crit.NAMES, batch_size=batch_size, strict=False)
+        if units:
+            full, skipped = crit.channel_compute(model, target, data, result.structure, batch_size=batch_size)
+        else:
+            full, skipped = crit._compute(model, target, data, crit.NAMES, batch_size=batch_size, strict=False)
         scores = {k: _pick(v, result) for k, v in full.items()}
-        source = "computed from the model on the data given"
+        source = "computed from the model on the data given" + (" (channel-level criteria)" if units else "")
         with open(out / "criteria.npz", "wb") as fh:  # the notes too: a re-rendered report shows them
             np.savez(fh, indices=_np(result.indices), __notes__=np.array(json.dumps(
                 {"source": source, "skipped": skipped})), **scores)
     w = _np(result.weight).astype(np.float64)
-    scores.setdefault("magnitude", np.abs(w))
-    scores.setdefault("squared", w * w)
-    ordered = {k: scores[k] for k in crit.NAMES if k in scores}
+    if units:
+        scores.setdefault("l2", w)  # the result's weight: the L2 norm of the weights each unit removes
+    else:
+        scores.setdefault("magnitude", np.abs(w))
+        scores.setdefault("squared", w * w)
+    ordered = {k: scores[k] for k in names if k in scores}
     ordered.update({k: v for k, v in scores.items() if k not in ordered})
     return ordered, skipped, source
 
@@ -897,8 +915,6 @@ def _section_text(d: dict) -> dict:
                                          "median of median/std", "median over"])
     pr = d.get("pruning")
     if pr:
-        from .report_pruning import pruning_table
-
         t["pruning"] = _table(pruning_table(pr), ["model", "criterion", "sparsity", "test accuracy (%)", "test loss",
                                                   "seeds"])
     return t

@@ -54,7 +54,7 @@ class AblationResult:
     head: str = ""  # what the method saw after the layer
     backend: str = ""
     mode: str = ""
-    structure: str = "weight"  # "weight": one weight each; "out"/"in": whole output/input units (indices = units)
+    structure: str = "weight"  # "weight": one weight each; "out"/"branch"/"in": whole output/input units (indices = units)
     precision: str = ""
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -77,7 +77,7 @@ class AblationResult:
         arrays) for a Conv2d weight, ``{"out", "in"}`` for a Linear weight, ``{"out"}`` for a bias; for a
         structured result ``{"out"}`` or ``{"in"}``: the unit."""
         if self.structure != "weight":  # whole units: the index is the unit
-            return {self.structure: self.indices.numpy().astype(np.int64)}
+            return {"in" if self.structure == "in" else "out": self.indices.numpy().astype(np.int64)}
         shape = tuple(self.weight_shape) or tuple(self.layer_shape)
         if self.param == "bias":
             shape = shape[:1]
@@ -166,8 +166,8 @@ def _checked(meta, arrays) -> AblationResult:
                 or (length is not None and len(v) != length):
             raise ValueError(f"{key} must be a list of positive ints, got {v!r}")
         meta[key] = tuple(v)
-    if meta.get("structure", "weight") not in ("weight", "out", "in"):
-        raise ValueError(f"structure must be 'weight', 'out' or 'in', got {meta['structure']!r}")
+    if meta.get("structure", "weight") not in ("weight", "out", "branch", "in"):
+        raise ValueError(f"structure must be 'weight', 'out', 'branch' or 'in', got {meta['structure']!r}")
     if meta.get("param", "weight") not in ("weight", "bias"):
         raise ValueError(f"param must be 'weight' or 'bias', got {meta['param']!r}")
     missing = [name for name in _REQUIRED if name not in arrays]

@@ -13,6 +13,9 @@ Linear/Conv, a residual add, the logits), and the change there is minus channel 
     otherwise                      -> the change is replayed from E (weightablate.propagate): the
                                       funnel when it stays in channel k up to the final Linear,
                                       else "replay" to the logits.
+"branch", unit k: as "out", where "out" refuses a channel that meets a residual add (the skip also
+carries channel k there: removing it from this layer alone is not what a pruning library does, see
+weightablate.tp_importance for the coupled group): the add sees zero from this branch's channel k.
 "in", feature j: column j of a Linear's weight (input channel j of each filter of a Conv2d's group)
 is zeroed in this layer only; the change of the layer's output is -W[:, j] a_j for every unit at
 once (a grouped convolution of input channel j for a Conv2d), replayed to the logits ("replay").
@@ -37,7 +40,8 @@ from .propagate import (ELEMENTWISE_METHODS, POOL_FUNCS, POOL_MODULES, Delta, Pr
                         max_numel)
 from .replay import BYTES_PER_ENTRY, score_logit_deltas
 
-STRUCTURES = ("weight", "out", "in")
+STRUCTURES = ("weight", "out", "branch", "in")
+OUT = ("out", "branch")  # whole output units
 SCRATCH_PER_PAIR = 32  # bytes per (unit, sample) of the stage-2 kernels
 CHECK_UNITS, CHECK_SAMPLES = 3, 4  # the self-check's units and samples
 
@@ -53,14 +57,14 @@ _SCALAR_OPS = {operator.mul, operator.imul, operator.add, operator.iadd, operato
 
 def n_units(target: nn.Module, structure: str) -> int:
     """How many units ``structure`` indexes: output units/channels ("out"), input features/channels ("in")."""
-    if structure == "out":
+    if structure in OUT:
         return target.weight.shape[0]
     return target.in_features if isinstance(target, nn.Linear) else target.in_channels
 
 
 def unit_word(target: nn.Module, structure: str) -> str:
     """'output units', 'output channels', 'input features' or 'input channels'."""
-    if structure == "out":
+    if structure in OUT:
         return "output units" if isinstance(target, nn.Linear) else "output channels"
     return "input features" if isinstance(target, nn.Linear) else "input channels"
 
@@ -131,6 +135,24 @@ def _maps_channels(n: fx.Node, mods: dict, before: torch.Tensor, cur: fx.Node) -
     return n.op == "call_method" and f in _CHANNEL_METHODS and n.args[0] is cur and _numbers_only(n, cur)
 
 
+_ADD_OPS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub",
+            "sub_"}
+
+
+def _refuse_residual(name: str, end: fx.Node, users: list) -> None:
+    """structure="out": a channel that meets another tensor in an add (a residual add, a skip) cannot
+    be removed from this layer alone: the other operand carries channel k on."""
+    for u in users:
+        others = [a for a in u.all_input_nodes if a is not end]
+        if u.target in _ADD_OPS and others:
+            raise ValueError(
+                f"structure='out': the output channels of layer {name!r} meet {others[0].name!r} in the add "
+                f"{u.name!r} (a residual add): removing channel k from this layer alone is not what a pruning "
+                "library does (Torch-Pruning removes it from every layer coupled through the add); for the "
+                "coupled group use weightablate.prune.ExactChannelImportance, for this branch alone (the add sees "
+                "zero from it, the skip keeps channel k) structure='branch'")
+
+
 def _run_from(prop: Propagator, start, d: Delta, stop=None):
     """Propagator.run, starting from the change ``d`` of node ``start`` (every dependent node after
     it depends on the target only through it)."""
@@ -186,6 +208,8 @@ class Structured:
                  f"with {' -> '.join(n.name for n in chain[1:]) or 'nothing after it'}; its consumers see zero "
                  f"from it at {end.name!r}")
         users = [u for u in end.users if u in set(graph.dependent)]
+        if structure == "out":
+            _refuse_residual(name, end, users)
         logits = graph.logits
         if end is logits:
             self.kind, self.description = "closed_form", where + ": the logit itself becomes 0"
@@ -298,7 +322,7 @@ class _Removed(fx.Interpreter):
             W[g * Og:(g + 1) * Og, self.k % Cg] = 0
             return m._conv_forward(x, W, m.bias)
         out = super().run_node(n)
-        if self.structure == "out" and n is self.end:
+        if self.structure in OUT and n is self.end:
             out = out.clone()
             out[:, self.k] = 0
         return out
@@ -321,7 +345,7 @@ def naive_structured(model, name, target, structure, units, x, y, end_name=None)
     ("out"; found from the chain when None)."""
     graph = trace(model, name, target, "weight", x[:2])
     end = graph.target
-    if structure == "out":
+    if structure in OUT:
         found = [n for n in graph.nodes if n.name == end_name]
         end = found[0] if found else channel_chain(graph, capture_values(graph, x[:2]))[-1]
     dependent = set(graph.dependent)
@@ -392,7 +416,7 @@ def unit_norms(target: nn.Module, structure: str, units: torch.Tensor) -> torch.
     """(K,) float64 L2 norm of the weights each unit removes: its row/filter ("out", bias excluded) or
     its column, over the filters of its group ("in")."""
     W = target.weight.detach().double()
-    if structure == "out":
+    if structure in OUT:
         return W.reshape(W.shape[0], -1).norm(dim=1)[units.to(W.device)].cpu()
     if isinstance(target, nn.Linear):
         return W.norm(dim=0)[units.to(W.device)].cpu()

@@ -156,7 +156,7 @@ def _g(x, spec=".4g") -> str:
 def format_summary(d: dict) -> str:
     """The dict of ``summarize`` as a short human-readable report."""
     shape = d.get("weight_shape") or d["layer_shape"]
-    what = {"out": "output units", "in": "input units"}.get(d.get("structure"),
+    what = {"out": "output units", "branch": "output units (branch)", "in": "input units"}.get(d.get("structure"),
                                                              "bias entries" if d.get("param") == "bias" else "weights")
     lines = [
         f"layer {d['layer']} ({'x'.join(map(str, shape))}), {d['n_weights']} {what} ablated one at a time, "
