@@ -71,7 +71,7 @@ class Config:
     p3_samples: int = 64  # train images scoring the importances (part 3)
     p3_epochs: int = 3
     p3_ratio: float = 0.5
-    p3_importances: tuple = ("exact (root channel)", "magnitude", "taylor", "hessian", "bn_scale", "random")
+    p3_importances: tuple = ("exact", "magnitude", "taylor", "hessian", "bn_scale", "random")
 
 
 TINY = Config(image=16, train_n=96, test_n=48, cnn_epochs=1, mn_epochs=1, mn_channels=2, mn_samples=16, weight_k=(("conv1", 8), ("conv2", 8), ("conv3", 24), ("fc", 24)),
@@ -113,11 +113,20 @@ def channel_table(model, X, y, units_per_layer, seed, precision, log) -> dict:
     for conv, _ in pairs:
         n = model.get_submodule(conv).out_channels
         k = None if units_per_layer is None or units_per_layer >= n else units_per_layer
-        res = wa.ablate(model, conv, (X, y), structure="out", weights=k, seed=seed, precision=precision,
-                        progress=False, verify=False)
+        structure = "out"
+        try:
+            res = wa.ablate(model, conv, (X, y), structure="out", weights=k, seed=seed, precision=precision,
+                            progress=False, verify=False)
+        except ValueError as exc:  # the channel meets a residual add: the branch's channel alone, named so
+            if "structure='branch'" not in str(exc) and 'structure="branch"' not in str(exc):
+                raise
+            structure = "branch"
+            res = wa.ablate(model, conv, (X, y), structure="branch", weights=k, seed=seed, precision=precision,
+                            progress=False, verify=False)
         idx = res.indices
         corr = {c: ws.rank_correlations(crit[conv][c][idx], res.delta_loss) for c in crit[conv]}
         layers.append({"layer": conv, "channels": n, "scored": int(idx.numel()), "method": res.method,
+                       "structure": structure, "indices": idx.tolist(),
                        "negative": float((res.delta_loss < 0).double().mean()), "correlations": corr})
         truth.append(res.delta_loss)
         for c in scores:
@@ -259,8 +268,8 @@ def part2(cfg: Config, cnn, log) -> dict:
 def _importance(label, model, X, y):
     import torch_pruning as tp
 
-    if label.startswith("exact"):
-        return ws.RootChannelImportance(model, (X, y))
+    if label == "exact":
+        return wp.ExactChannelImportance(model, (X, y))
     if label == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     if label == "bn_scale":
@@ -313,7 +322,7 @@ def part3(cfg: Config, mn0, log) -> list:
             rows.append({"seed": seed, "importance": label, "params": sum(p.numel() for p in model.parameters()),
                          "loss_pruned": loss_p, "accuracy_pruned": acc_p, "loss": loss, "accuracy": acc,
                          "score_s": score_s})
-            log(f"part 3 seed {seed} {label:21s} acc {acc_p:.3f} -> {acc:.3f}  ({score_s:.0f} s to score and prune)")
+            log(f"part 3 seed {seed} {label:9s} acc {acc_p:.3f} -> {acc:.3f}  ({score_s:.0f} s to score and prune)")
     return rows
 
 
@@ -450,18 +459,21 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     result = {"config": dataclasses.asdict(cfg), "seconds": {}}
     t = time.perf_counter()
+    save = lambda: (args.out / "oracle_study.json").write_text(json.dumps(result, indent=1) + "\n")  # noqa: E731
     result["part1"], cnn, mn = part1(cfg, log)
     result["seconds"]["part1"] = time.perf_counter() - t
+    save()  # after each part: a long run's finished parts are kept
     if 2 in parts:
         t = time.perf_counter()
         result["part2"] = part2(cfg, cnn, log)
         result["seconds"]["part2"] = time.perf_counter() - t
+        save()
     if 3 in parts:
         t = time.perf_counter()
         result["part3"] = part3(cfg, mn, log)
         result["seconds"]["part3"] = time.perf_counter() - t
     result["seconds"]["total"] = time.perf_counter() - started
-    (args.out / "oracle_study.json").write_text(json.dumps(result, indent=1) + "\n")
+    save()
     if {2, 3} <= parts:
         plot(result, args.out / "oracle_study.png")
     p1 = result["part1"]

@@ -118,9 +118,11 @@ def loss_gradients(model: nn.Module, X, y, names, batch_size: int = 256) -> dict
     return total
 
 
-def ggn_diagonal(model: nn.Module, X, names, batch_size: int = 32) -> dict:
+def ggn_diagonal(model: nn.Module, X, names, batch_size: int = 64) -> dict:
     """The exact Gauss-Newton diagonal of the summed cross-entropy over X for the parameters
-    ``names`` (module docstring): float64, shaped like each parameter. Labels are not needed."""
+    ``names`` (module docstring): float64, shaped like each parameter. Labels are not needed.
+    One vmapped per-sample gradient per class and batch (a Jacobian of all classes at once,
+    jacrev, was several times slower here)."""
     from torch.func import functional_call, grad, vmap
 
     training = model.training
@@ -260,30 +262,3 @@ def float64_loss(model: nn.Module, X, y, batch_size: int = 1024) -> float:
             total += float(F.cross_entropy(m(xb), yb, reduction="sum"))
     return total / X.shape[0]
 
-
-# --- Torch-Pruning adapter (part 3) -----------------------------------------------------------
-
-class RootChannelImportance:
-    """A Torch-Pruning importance: for each group, the exact change of the summed loss over ``data``
-    when ONE output channel of the group's root layer is removed (``ablate(structure="out")``; higher
-    = keep; signed). Not the effect of removing the whole group (the coupled layers' channels stay):
-    a stand-in until weightablate.prune has an exact group importance. Scores are computed at the
-    first call per root, i.e. on the dense model (Torch-Pruning 1.6 scores every group before it
-    prunes any)."""
-
-    def __init__(self, model: nn.Module, data, **ablate_kwargs):
-        self.model, self.data = model, data
-        self.ablate_kwargs = {"progress": False, "verify": False, **ablate_kwargs}
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def __call__(self, group, **_):
-        from .api import ablate
-
-        root = group[0].dep.target.module
-        if not isinstance(root, (nn.Conv2d, nn.Linear)):
-            return None
-        if id(root) not in self.cache:
-            res = ablate(self.model, root, self.data, structure="out", **self.ablate_kwargs)
-            self.cache[id(root)] = res.delta_loss
-        idxs = torch.as_tensor(list(group[0].idxs), dtype=torch.long)
-        return self.cache[id(root)][idxs].float()
