@@ -68,7 +68,8 @@ class Config:
     ft_epochs: int = 1
     n_boot: int = 1000
     p3_seeds: int = 3
-    p3_samples: int = 64  # train images scoring the importances (part 3)
+    p3_samples: int = 32  # train images scoring the importances (part 3; the exact group replay costs
+    #                       about one forward of the network per channel and image)
     p3_epochs: int = 3
     p3_ratio: float = 0.5
     p3_importances: tuple = ("exact", "magnitude", "taylor", "hessian", "bn_scale", "random")
@@ -193,9 +194,9 @@ def part1(cfg: Config, log) -> dict:
 
 # --- part 2 -----------------------------------------------------------------------------------
 
-def _run_mask(base, apply, X, y, Xt, yt, cfg):
+def _run_mask(base, apply, loss64, X, y, Xt, yt, cfg):
     model = apply(copy.deepcopy(base))
-    rec = {"train_loss_pruned": ws.float64_loss(model, X, y)}
+    rec = {"train_loss_pruned": loss64(model)}
     rec["test_loss_pruned"], rec["test_acc_pruned"] = wp.evaluate(model, (Xt, yt))
     wp.finetune(model, (X, y), cfg.ft_epochs, lr=cfg.lr, batch_size=64, seed=0)
     rec["test_loss"], rec["test_acc"] = wp.evaluate(model, (Xt, yt))
@@ -203,7 +204,7 @@ def _run_mask(base, apply, X, y, Xt, yt, cfg):
     return rec
 
 
-def _masks_study(kind, base, n_units, single, apply_keep, X, y, Xt, yt, cfg, extra_rankings, log):
+def _masks_study(kind, base, n_units, single, apply_keep, loss64, X, y, Xt, yt, cfg, extra_rankings, log):
     """``masks`` random keep-masks of half of n_units; the single-unit oracle's additive prediction;
     the masks chosen by the single-unit ranking(s)."""
     gen = torch.Generator().manual_seed(1)
@@ -214,7 +215,7 @@ def _masks_study(kind, base, n_units, single, apply_keep, X, y, Xt, yt, cfg, ext
         drop = torch.randperm(n_units, generator=gen)[:n_drop]
         keep = torch.ones(n_units, dtype=torch.bool)
         keep[drop] = False
-        rec = _run_mask(base, lambda m: apply_keep(m, keep), X, y, Xt, yt, cfg)
+        rec = _run_mask(base, lambda m: apply_keep(m, keep), loss64, X, y, Xt, yt, cfg)
         rec["additive"] = float(single[drop].sum())  # sum of the single-unit delta_loss of the removed units
         rows.append(rec)
     seconds = time.perf_counter() - started
@@ -230,7 +231,7 @@ def _masks_study(kind, base, n_units, single, apply_keep, X, y, Xt, yt, cfg, ext
     for label, score in extra_rankings.items():  # drop the n_drop lowest-scored units
         keep = torch.ones(n_units, dtype=torch.bool)
         keep[torch.argsort(score)[:n_drop]] = False
-        rec = _run_mask(base, lambda m: apply_keep(m, keep), X, y, Xt, yt, cfg)
+        rec = _run_mask(base, lambda m: apply_keep(m, keep), loss64, X, y, Xt, yt, cfg)
         rec["additive"] = float(single[~keep].sum())
         for key in ("train_loss_pruned", "test_loss", "test_acc"):  # share of random masks it beats
             better = a[key] > rec[key] if key != "test_acc" else a[key] < rec[key]
@@ -253,10 +254,12 @@ def part2(cfg: Config, cnn, log) -> dict:
     mag = wlayer.weight.detach().double().abs().reshape(-1)
     base = {"test": wp.evaluate(cnn, (Xt, yt)), "train_loss64": ws.float64_loss(cnn, X, y)}
     channels = _masks_study("channels", cnn, layer.out_channels, single_ch,
-                            lambda m, keep: ws.mask_channels(m, conv, bn, keep), X, y, Xt, yt, cfg,
+                            lambda m, keep: ws.mask_channels(m, conv, bn, keep), ws.Float64Suffix(cnn, conv, X, y),
+                            X, y, Xt, yt, cfg,
                             {"single-channel oracle": single_ch, "l1 norm": l1}, log)
     weights = _masks_study("weights", cnn, wlayer.weight.numel(), single_w,
-                           lambda m, keep: ws.mask_weights(m, wl, keep), X, y, Xt, yt, cfg,
+                           lambda m, keep: ws.mask_weights(m, wl, keep), ws.Float64Suffix(cnn, wl, X, y),
+                           X, y, Xt, yt, cfg,
                            {"single-weight oracle (signed)": single_w, "single-weight oracle (|delta|)": single_w.abs(),
                             "magnitude": mag}, log)
     channels["layer"], weights["layer"] = conv, wl
@@ -406,7 +409,7 @@ def part3_markdown(rows) -> str:
 def plot(result, path: Path) -> None:
     from weightablate.figures import _figure
 
-    fig, axes = _figure(17, 4.2, ncols=4)
+    fig, axes = _figure(13, 9, ncols=2, nrows=2)
     ax = axes[0]
     crits = list(ws.CHANNEL_CRITERIA)
     for i, (model, color) in enumerate((("cnn", "#1f77b4"), ("mobilenet", "#ff7f0e"))):
@@ -423,7 +426,8 @@ def plot(result, path: Path) -> None:
         ax.scatter(tl, te, s=8, alpha=0.6, label="random masks")
         for (label, r), mk in zip(s["chosen"].items(), "*^sD"):
             ax.scatter([r["train_loss_pruned"]], [r["test_loss"]], marker=mk, s=60, label=label)
-        ax.set_xscale("log")
+        if max(tl) > 10 * min(tl):
+            ax.set_xscale("log")
         tau = s["kendall"]["pruned_train_loss~test_loss_after_ft"]
         ax.set_title(f"50% of {s['layer']} {kind}: tau = {tau['tau']:.2f} "
                      f"({tau['low']:.2f}..{tau['high']:.2f})", fontsize=9)
@@ -441,7 +445,7 @@ def plot(result, path: Path) -> None:
     ax.axvline(statistics.fmean(dense), color="k", ls="--", lw=0.8, label="dense")
     ax.set_yticks(np.arange(len(labels)) + 0.2, labels)
     ax.set_xlabel("MobileNetV3-Small, 50% channels: test accuracy (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=100)
 
 

@@ -176,6 +176,7 @@ def test_masks_are_exact_removals_and_hold_through_fine_tuning():
             t[~keep] = 0
         want = float(F.cross_entropy(ref(X.double()), y))
     assert ws.float64_loss(masked, X, y) == pytest.approx(want, rel=1e-12)
+    assert ws.Float64Suffix(model, "conv2", X, y)(masked) == pytest.approx(want, rel=1e-12)
     wp.finetune(masked, (X, y), 2, lr=1e-2, batch_size=4)
     assert torch.all(masked.conv2.weight[~keep] == 0) and torch.all(masked.bn2.bias[~keep] == 0)
     assert not torch.equal(masked.conv2.weight[keep], model.conv2.weight[keep])  # the rest did train

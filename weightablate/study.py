@@ -28,6 +28,7 @@ term has the second derivative of the logits, zero there); with Hardswish/Hardsi
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import OrderedDict
@@ -262,3 +263,22 @@ def float64_loss(model: nn.Module, X, y, batch_size: int = 1024) -> float:
             total += float(F.cross_entropy(m(xb), yb, reduction="sum"))
     return total / X.shape[0]
 
+
+class Float64Suffix:
+    """``float64_loss`` of masked copies of one ``nn.Sequential`` whose children before ``start`` are
+    never masked: their float64 output over X is computed once, each call runs the rest in float64
+    (the same numbers as float64_loss, without the shared prefix's cost)."""
+
+    def __init__(self, model: nn.Sequential, start: str, X, y):
+        names = [n for n, _ in model.named_children()]
+        self.i, self.y, self.n = names.index(start), y, X.shape[0]
+        prefix = copy.deepcopy(nn.Sequential(*list(model.children())[:self.i])).double().eval()
+        with torch.no_grad():
+            self.h = prefix(X.double())
+
+    def __call__(self, model: nn.Sequential) -> float:
+        from .prune import _plain_copy
+
+        suffix = nn.Sequential(*list(_plain_copy(model).double().eval().children())[self.i:])
+        with torch.no_grad():
+            return float(F.cross_entropy(suffix(self.h), self.y, reduction="sum")) / self.n
