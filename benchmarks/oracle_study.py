@@ -352,7 +352,8 @@ def per_layer_markdown(tab, criteria=("l1", "bn_gamma", "taylor_bn", "obd", "tay
     lines = ["| layer | channels | method | % delta<0 | " + " | ".join(criteria) + " |",
              "| --- | ---: | --- | ---: |" + " ---: |" * len(criteria)]
     for lay in tab["layers"]:
-        lines.append(f"| {lay['layer']} | {lay['scored']}/{lay['channels']} | {lay['method']} | "
+        method = lay["method"] + (" (branch)" if lay.get("structure") == "branch" else "")
+        lines.append(f"| {lay['layer']} | {lay['scored']}/{lay['channels']} | {method} | "
                      f"{100 * lay['negative']:.0f} | "
                      + " | ".join(f"{lay['correlations'][c]['spearman']:.2f}" for c in criteria) + " |")
     return "\n".join(lines) + "\n"
@@ -449,12 +450,43 @@ def plot(result, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def render(result: dict, out: Path | None) -> str:
+    """The markdown tables of a result (and its figure into ``out`` when parts 2 and 3 are in it)."""
+    if out is not None and "part2" in result and "part3" in result:
+        plot(result, out / "oracle_study.png")
+    p1 = result["part1"]
+    report = [channel_markdown(p1["cnn"]["channels"], f"CNN on digits 16x16 (test acc {100 * p1['cnn']['test'][1]:.1f}%)"),
+              per_layer_markdown(p1["cnn"]["channels"]),
+              channel_markdown(p1["mobilenet"]["channels"],
+                               f"MobileNetV3-Small on digits 16x16 (test acc {100 * p1['mobilenet']['test'][1]:.1f}%)"),
+              per_layer_markdown(p1["mobilenet"]["channels"]),
+              "Weight level (CNN), Spearman with delta / Spearman of |score| with |delta|:", "",
+              weight_markdown(p1["cnn"]["weights"])]
+    if "part2" in result:
+        report.append(masks_markdown(result["part2"]))
+    if "part3" in result:
+        report.append(part3_markdown(result["part3"]))
+    report.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
+    return "\n".join(report)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (plumbing only, seconds)")
-    parser.add_argument("--parts", default="1,2,3", help="which parts to run (1 and 2 need part 1's models)")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (2 and 3 reuse part 1's models)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the tables of a saved oracle_study.json (and its figure into --out); runs nothing")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        try:
+            result = json.loads(args.render.read_text())
+            print(render(result, args.out))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"oracle_study: --render: {args.render} is not a readable oracle_study.json ({exc!r})",
+                  file=sys.stderr)
+            return 2
+        return 0
     cfg = TINY if args.tiny else Config()
     parts = {int(p) for p in args.parts.split(",")}
     torch.set_num_threads(1)
@@ -478,22 +510,7 @@ def main(argv=None) -> int:
         result["seconds"]["part3"] = time.perf_counter() - t
     result["seconds"]["total"] = time.perf_counter() - started
     save()
-    if {2, 3} <= parts:
-        plot(result, args.out / "oracle_study.png")
-    p1 = result["part1"]
-    report = [channel_markdown(p1["cnn"]["channels"], f"CNN on digits 16x16 (test acc {100 * p1['cnn']['test'][1]:.1f}%)"),
-              per_layer_markdown(p1["cnn"]["channels"]),
-              channel_markdown(p1["mobilenet"]["channels"],
-                               f"MobileNetV3-Small on digits 16x16 (test acc {100 * p1['mobilenet']['test'][1]:.1f}%)"),
-              per_layer_markdown(p1["mobilenet"]["channels"]),
-              "Weight level (CNN), Spearman with delta / Spearman of |score| with |delta|:", "",
-              weight_markdown(p1["cnn"]["weights"])]
-    if 2 in parts:
-        report.append(masks_markdown(result["part2"]))
-    if 3 in parts:
-        report.append(part3_markdown(result["part3"]))
-    report.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
-    print("\n".join(report))
+    print(render(result, args.out))
     return 0
 
 

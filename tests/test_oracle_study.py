@@ -210,3 +210,13 @@ def test_tiny_study_runs_end_to_end(tmp_path, capsys):
     assert all(r["params"] < res["part3"][0]["params"] for r in res["part3"][1:])
     out = capsys.readouterr().out
     assert "| taylor_bn_signed |" in out and "seconds:" in out
+    assert study.main(["--render", str(tmp_path / "oracle_study.json"), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == out.strip()  # the same tables from the saved json
+
+
+def test_render_refuses_a_foreign_file(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    assert load_study().main(["--render", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--render" in err and "x.json" in err and "Traceback" not in err
