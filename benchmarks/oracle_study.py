@@ -387,7 +387,7 @@ def masks_markdown(p2) -> str:
                      f"{100 * np.median(ta):.1f} ({100 * ta.min():.1f}..{100 * ta.max():.1f}) | "
                      f"{np.median(te):.3f} ({te.min():.3f}..{te.max():.3f}) | |")
         for label, r in s["chosen"].items():
-            lines.append(f"| {label} | {r['train_loss_pruned']:.3f} | {100 * r['test_acc']:.1f} | {r['test_loss']:.3f} | "
+            lines.append(f"| {label.replace('|', chr(92) + '|')} | {r['train_loss_pruned']:.3f} | {100 * r['test_acc']:.1f} | {r['test_loss']:.3f} | "
                          f"{100 * r['beats_random_train_loss_pruned']:.0f}% / {100 * r['beats_random_test_loss']:.0f}% / "
                          f"{100 * r['beats_random_test_acc']:.0f}% |")
         lines.append("")
@@ -427,7 +427,8 @@ def plot(result, path: Path) -> None:
         ax.scatter(tl, te, s=8, alpha=0.6, label="random masks")
         for (label, r), mk in zip(s["chosen"].items(), "*^sD"):
             ax.scatter([r["train_loss_pruned"]], [r["test_loss"]], marker=mk, s=60, label=label)
-        if max(tl) > 10 * min(tl):
+        xs = tl + [r["train_loss_pruned"] for r in s["chosen"].values()]
+        if max(xs) > 10 * min(xs):
             ax.set_xscale("log")
         tau = s["kendall"]["pruned_train_loss~test_loss_after_ft"]
         ax.set_title(f"50% of {s['layer']} {kind}: tau = {tau['tau']:.2f} "
