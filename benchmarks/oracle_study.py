@@ -2,7 +2,8 @@
 the exact pruned loss predicts the result after fine-tuning, and half of MobileNetV3-Small pruned
 through Torch-Pruning with the exact importance against Torch-Pruning's own.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/oracle_study.py          # full study: tables on stdout,
+    PYTHONPATH=. .venv/bin/python benchmarks/oracle_study.py          # full study (~15 min of CPU, one
+                                                                     # thread): tables on stdout,
                                                                      # oracle_study.json/.png beside it
     PYTHONPATH=. .venv/bin/python benchmarks/oracle_study.py --tiny --out /tmp/o   # plumbing, seconds
 
@@ -75,7 +76,8 @@ class Config:
     p3_importances: tuple = ("exact", "magnitude", "taylor", "hessian", "bn_scale", "random")
 
 
-TINY = Config(image=16, train_n=96, test_n=48, cnn_epochs=1, mn_epochs=1, mn_channels=2, mn_samples=16, weight_k=(("conv1", 8), ("conv2", 8), ("conv3", 24), ("fc", 24)),
+TINY = Config(image=16, train_n=96, test_n=48, cnn_epochs=1, mn_epochs=1, mn_channels=2, mn_samples=16,
+              weight_k=(("conv1", 8), ("conv2", 8), ("conv3", 24), ("fc", 24)),
               masks=6, ft_epochs=1, n_boot=50, p3_seeds=1, p3_samples=8, p3_epochs=1)
 
 
@@ -339,7 +341,8 @@ def _mean_sd(v, scale=1.0, digits=1):
 
 def channel_markdown(tab, title) -> str:
     lines = [f"**{title}** ({tab['n']} channels, {100 * tab['negative']:.0f}% with delta_loss < 0)", "",
-             "| criterion | Spearman | Kendall | Spearman \\|score\\| vs \\|delta\\| | per-layer Spearman: median (min..max) |",
+             "| criterion | Spearman | Kendall | Spearman \\|score\\| vs \\|delta\\| "
+             "| per-layer Spearman: median (min..max) |",
              "| --- | ---: | ---: | ---: | --- |"]
     for c, r in tab["network"].items():
         per = [lay["correlations"][c]["spearman"] for lay in tab["layers"]]
@@ -387,8 +390,10 @@ def masks_markdown(p2) -> str:
                      f"{100 * np.median(ta):.1f} ({100 * ta.min():.1f}..{100 * ta.max():.1f}) | "
                      f"{np.median(te):.3f} ({te.min():.3f}..{te.max():.3f}) | |")
         for label, r in s["chosen"].items():
-            lines.append(f"| {label.replace('|', chr(92) + '|')} | {r['train_loss_pruned']:.3f} | {100 * r['test_acc']:.1f} | {r['test_loss']:.3f} | "
-                         f"{100 * r['beats_random_train_loss_pruned']:.0f}% / {100 * r['beats_random_test_loss']:.0f}% / "
+            lines.append(f"| {label.replace('|', chr(92) + '|')} | {r['train_loss_pruned']:.3f} | "
+                         f"{100 * r['test_acc']:.1f} | {r['test_loss']:.3f} | "
+                         f"{100 * r['beats_random_train_loss_pruned']:.0f}% / "
+                         f"{100 * r['beats_random_test_loss']:.0f}% / "
                          f"{100 * r['beats_random_test_acc']:.0f}% |")
         lines.append("")
     return "\n".join(lines)
@@ -402,7 +407,8 @@ def part3_markdown(rows) -> str:
     for lab in labels:
         rs = [r for r in rows if r["importance"] == lab]
         lines.append(f"| {lab} | {_mean_sd([r['accuracy_pruned'] for r in rs], 100)} | "
-                     f"{_mean_sd([r['accuracy'] for r in rs], 100)} | {_mean_sd([r['loss_pruned'] for r in rs], 1, 3)} | "
+                     f"{_mean_sd([r['accuracy'] for r in rs], 100)} | "
+                     f"{_mean_sd([r['loss_pruned'] for r in rs], 1, 3)} | "
                      f"{_mean_sd([r['loss'] for r in rs], 1, 3)} | {rs[0]['params']:,} |")
     return "\n".join(lines) + "\n"
 
@@ -456,7 +462,8 @@ def render(result: dict, out: Path | None) -> str:
     if out is not None and "part2" in result and "part3" in result:
         plot(result, out / "oracle_study.png")
     p1 = result["part1"]
-    report = [channel_markdown(p1["cnn"]["channels"], f"CNN on digits 16x16 (test acc {100 * p1['cnn']['test'][1]:.1f}%)"),
+    report = [channel_markdown(p1["cnn"]["channels"],
+                               f"CNN on digits 16x16 (test acc {100 * p1['cnn']['test'][1]:.1f}%)"),
               per_layer_markdown(p1["cnn"]["channels"]),
               channel_markdown(p1["mobilenet"]["channels"],
                                f"MobileNetV3-Small on digits 16x16 (test acc {100 * p1['mobilenet']['test'][1]:.1f}%)"),
@@ -479,6 +486,7 @@ def main(argv=None) -> int:
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="print the tables of a saved oracle_study.json (and its figure into --out); runs nothing")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.render is not None:
         try:
             result = json.loads(args.render.read_text())
@@ -492,7 +500,6 @@ def main(argv=None) -> int:
     parts = {int(p) for p in args.parts.split(",")}
     torch.set_num_threads(1)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = {"config": dataclasses.asdict(cfg), "seconds": {}}
     t = time.perf_counter()

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-import weightablate as wa
 from weightablate import criteria as wc
 from weightablate import prune as wp
 from weightablate import study as ws
