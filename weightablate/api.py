@@ -215,36 +215,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     default): a UserWarning names the flag when the forward would.
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    name, target = _resolve_layer(model, layer)
-    if isinstance(target, nn.MultiheadAttention):
-        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: its output projection {name + '.out_proj'!r} "
-                        "is an nn.Linear that can be ablated; its packed in_proj_weight (q, k, v) cannot, it is used "
-                        "inside torch's fused attention function; to ablate q/k/v weights write the attention with "
-                        "nn.Linear layers for q, k and v (or one fused qkv nn.Linear) and "
-                        "F.scaled_dot_product_attention: replay follows them exactly")
-    if not isinstance(target, TARGETS):
-        raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
-                        "layers can be ablated")
-    if structure not in structured.STRUCTURES:
-        raise ValueError(f"structure must be one of {structured.STRUCTURES}, got {structure!r}")
-    if structure != "weight" and (param != "weight" or isinstance(weights, str)):
-        raise ValueError(f"structure={structure!r} removes whole units (their bias included for 'out'): use "
-                         "param='weight' and weights=None, an int or unit indices")
-    if isinstance(weights, str):
-        if weights != "bias":
-            raise TypeError(f"weights: the only string accepted is 'bias' (every bias entry), got {weights!r}")
-        weights, param = None, "bias"
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if param not in PARAMS:
-        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
-    if param == "bias" and target.bias is None:
-        raise ValueError(f"param='bias' but layer {name!r} has no bias")
+    name, target, weights, param = _check_target(model, layer, weights, param, structure, method)
     metrics = _check_options(metrics, mode, seed)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
     max_memory = check_max_memory(max_memory)
     device = _check_model(model, device)
     tensor = getattr(target, param)
@@ -261,18 +237,12 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     local = flat[parts[rank]] if parts is not None else flat
     checkpoint = None
     if checkpoint_dir is not None:
-        if resolved == "naive":
-            raise ValueError("checkpoint_dir: the naive backend is the reference loop and does not checkpoint")
         options = dict(backend=resolved, mode=mode, method=method, precision=precision, metrics=sorted(metrics),
                        **({"structure": structure} if structure != "weight" else {}),
                        by_class=by_class,
                        batch_size=batch_size, max_memory=max_memory, rank=rank, world_size=world_size)
-        checkpoint = Checkpoint(checkpoint_dir, {
-            "model": model_fingerprint(model), "layer": f"{name}.{param} {tuple(tensor.shape)}",
-            "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
-            every=checkpoint_every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
-    if not isinstance(verify, bool):
-        raise TypeError(f"verify must be True or False, got {verify!r}")
+        checkpoint = _checkpoint(checkpoint_dir, checkpoint_every, model, f"{name}.{param} {tuple(tensor.shape)}",
+                                 local, options)
     checked = None
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -310,11 +280,15 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     finally:
         for m, was_training in training.items():
             m.training = was_training
-    keep = {"loss": ("delta_loss",), "kl": ("delta_kl",), "flips": ("flips", "new_errors", "new_correct")}
-    for metric, keys in keep.items():
+    for metric, keys in {"loss": ("delta_loss",), "kl": ("delta_kl",),
+                         "flips": ("flips", "new_errors", "new_correct")}.items():
         if metric not in metrics:
             for k in keys:
                 out[k] = None
+    extra = {**({"counted": "tokens"} if labels_dim == 2 else {}),  # labels (N, T): per-token predictions
+             **({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
+                if tensor.dtype in HALF and precision == "model" else {}),
+             **({"self_check": checked} if checked else {}), **counts}
     return AblationResult(
         indices=flat, rows=flat // n_in, cols=flat % n_in,
         weight=(_original_values(tensor, flat) if structure == "weight"
@@ -324,11 +298,51 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
         n_samples=n_samples, base_loss=base_loss, base_accuracy=base_acc, class_loss=out.get("class_loss"), layer=name,
         layer_shape=(n_out, n_in), weight_shape=tuple(tensor.shape), param=param, method=kind, head=head_desc,
         backend=resolved, mode=mode, structure=structure,
-        precision=precision, seconds=time.perf_counter() - started,
-        extra={**({"counted": "tokens"} if labels_dim == 2 else {}),  # labels (N, T): per-token predictions
-               **({"computed_in": f"float32 (a float32 copy of the {tensor.dtype} model)"}
-                  if tensor.dtype in HALF and precision == "model" else {}),
-               **({"self_check": checked} if checked else {}), **counts})
+        precision=precision, seconds=time.perf_counter() - started, extra=extra)
+
+
+def _check_target(model, layer, weights, param, structure, method):
+    """The target layer by name and module, and ``weights``/``param`` with the "bias" shorthand
+    expanded; a TypeError/ValueError naming the argument otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    name, target = _resolve_layer(model, layer)
+    if isinstance(target, nn.MultiheadAttention):
+        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: its output projection {name + '.out_proj'!r} "
+                        "is an nn.Linear that can be ablated; its packed in_proj_weight (q, k, v) cannot, it is used "
+                        "inside torch's fused attention function; to ablate q/k/v weights write the attention with "
+                        "nn.Linear layers for q, k and v (or one fused qkv nn.Linear) and "
+                        "F.scaled_dot_product_attention: replay follows them exactly")
+    if not isinstance(target, TARGETS):
+        raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
+                        "layers can be ablated")
+    if structure not in structured.STRUCTURES:
+        raise ValueError(f"structure must be one of {structured.STRUCTURES}, got {structure!r}")
+    if structure != "weight" and (param != "weight" or isinstance(weights, str)):
+        raise ValueError(f"structure={structure!r} removes whole units (their bias included for 'out'): use "
+                         "param='weight' and weights=None, an int or unit indices")
+    if isinstance(weights, str):
+        if weights != "bias":
+            raise TypeError(f"weights: the only string accepted is 'bias' (every bias entry), got {weights!r}")
+        weights, param = None, "bias"
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    if param == "bias" and target.bias is None:
+        raise ValueError(f"param='bias' but layer {name!r} has no bias")
+    return name, target, weights, param
+
+
+def _checkpoint(directory, every, model, layer: str, local, options: dict) -> Checkpoint:
+    """The sweep's checkpoint, fingerprinted by model, layer, weight set and options (a different
+    run is refused on resume); one file per rank under torchrun."""
+    if options["backend"] == "naive":
+        raise ValueError("checkpoint_dir: the naive backend is the reference loop and does not checkpoint")
+    rank, world_size = options["rank"], options["world_size"]
+    return Checkpoint(directory, {"model": model_fingerprint(model), "layer": layer,
+                                  "weights": weights_fingerprint(local), "options": repr(sorted(options.items()))},
+                      every=every, name="sweep" if world_size == 1 else f"sweep-rank{rank}-of-{world_size}")
 
 
 def _runnable(model: nn.Module, target: nn.Module, precision: str, stream, device):
