@@ -461,105 +461,24 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = dict(summary) if summary is not None else summarize(result, train)
-    figures: list[tuple[str, str, str, bytes]] = []  # (section, name, caption, png)
-    meta: dict = {}
-
-    def add(section, name, caption, fig, **info):
-        png = _png(fig)
-        w, h = (int(round(v * DPI)) for v in fig.get_size_inches())
-        figures.append((section, name, caption, png))
-        meta[name] = {"file": f"{name}.png", "width": w, "height": h, "section": section, **info}
+    figs = _Figures()
+    add = figs.add
 
     dl = _np(result.delta_loss).astype(np.float64)
     w = _np(result.weight).astype(np.float64)
-    n = dl.size
     truth = _Ranked(dl)
     rank_dl = truth.ranks
 
-    # 1. the distribution
-    n_exact = int(_np(result.exact_zero).sum())
-    fig, hist = fig_delta_hist(dl, n_exact, symlog)
-    add("delta", "delta_hist", "Distribution of the loss change over the weights.", fig)
-    from scipy import stats as sps
-
-    d["delta_distribution"] = {
-        "n_weights": n, "n_positive": int((dl > 0).sum()), "n_negative": int((dl < 0).sum()),
-        "n_zero_delta": int((dl == 0).sum()), "n_exact_zero": n_exact,
-        "frac_negative": _f((dl < 0).mean()) if n else math.nan,
-        "sum_positive": _f(dl[dl > 0].sum()), "sum_negative": _f(dl[dl < 0].sum()),
-        "skewness": _f(sps.skew(dl)) if n > 2 and dl.std() > 0 else math.nan,
-        "excess_kurtosis": _f(sps.kurtosis(dl)) if n > 3 and dl.std() > 0 else math.nan,
-        **hist,
-    }
+    d["delta_distribution"] = _distribution_section(result, dl, symlog, add)
     say(f"report: distribution ({time.perf_counter() - started:.1f} s)")
 
-    # 2. delta vs w
-    fig, plot = fig_delta_vs_w(w, dl, max_points)
-    add("weights", "delta_vs_w", "The loss change against the weight and its square.", fig, **plot)
-    nz = w != 0
-    ratio = dl[nz] / np.abs(w[nz])
-    rel = {"n": int(ratio.size), "n_w_zero": int((~nz).sum()), "distribution": _distribution(ratio)}
-    if ratio.size:
-        q25, q50, q75, q005, q995 = np.quantile(ratio, [0.25, 0.5, 0.75, 0.005, 0.995])
-        mean = ratio.mean()
-        rel["dispersion"] = {
-            "std": _f(ratio.std()), "iqr": _f(q75 - q25), "mad": _f(np.median(np.abs(ratio - q50))),
-            "cv": _f(ratio.std() / abs(mean)) if mean != 0 else math.nan,
-            "quartile_coefficient": _f((q75 - q25) / abs(q50)) if q50 != 0 else math.nan,
-        }
-        rank_absw_nz = _ranks(np.abs(w[nz]))
-        rel["vs_abs_w"] = {"pearson": _pearson(ratio, np.abs(w[nz])),
-                           "spearman": _pearson(_ranks(ratio), rank_absw_nz)}
-        fig, rhist = fig_ratio(ratio, float(q005), float(q995))
-        rel["histogram"] = {**rhist, "n_below": int((ratio < q005).sum()), "n_above": int((ratio > q995).sum())}
-        add("weights", "delta_over_absw", "delta_loss / |w|: the loss change per unit of weight magnitude.", fig)
-    corr = d.get("correlation") or {"abs_w": _corr(np.abs(w), dl), "w2": _corr(w * w, dl)}
-    d["weight_relation"] = {"w": {"pearson": _pearson(w, dl), "spearman": _pearson(_ranks(w), rank_dl)},
-                            "abs_w": corr["abs_w"], "w2": corr["w2"], "ratio": rel, "plot": plot}
+    d["weight_relation"] = _weight_section(w, dl, rank_dl, d.get("correlation"), max_points, add)
     say(f"report: weights ({time.perf_counter() - started:.1f} s)")
 
-    # 3. per class, flips
     if result.class_loss is not None:
-        cl = _np(result.class_loss).astype(np.float64)
-        pos, neg = np.where(cl > 0, cl, 0.0), np.where(cl < 0, cl, 0.0)
-        cls_stats = [{"class": c, "n_hurt": int((cl[:, c] > 0).sum()), "n_help": int((cl[:, c] < 0).sum()),
-                      "sum_hurt": _f(pos[:, c].sum()), "sum_help": _f(neg[:, c].sum()), "total": _f(cl[:, c].sum()),
-                      "max_hurt": _f(cl[:, c].max()) if n else math.nan,
-                      "max_help": _f(cl[:, c].min()) if n else math.nan}
-                     for c in range(cl.shape[1])]
-        absum = np.abs(cl).sum(1)
-        dom = np.abs(cl).argmax(1) if n else np.zeros(0, dtype=np.int64)
-        dom_abs = np.abs(cl[np.arange(n), dom])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(absum > 0, dom_abs / np.where(absum > 0, absum, 1.0), np.nan)
-        net = 2 * dom_abs - absum  # the dominant class's part beyond all other classes together
-        order = np.argsort(-net, kind="stable")[:TOP]
-        order = order[net[order] > 0]
-        most = _weight_rows(result, order, {"class": lambda k: int(dom[k]),
-                                            "class_delta": lambda k: _f(cl[k, dom[k]]),
-                                            "share": lambda k: _f(share[k]), "net": lambda k: _f(net[k])})
-        heat_order = np.argsort(-net, kind="stable")[:20]
-        at = positions(result)
-        labels = [at[int(k)] for k in heat_order]
-        fig = fig_per_class(cls_stats, cl[heat_order], labels)
-        add("classes", "per_class", "Which classes a weight's removal hurts (red) or helps (blue); right: the "
-            "class parts of delta_loss of the weights whose effect is most concentrated on one class.", fig)
-        d["per_class"] = {"n_classes": int(cl.shape[1]), "classes": cls_stats,
-                          "specificity": _distribution(share[np.isfinite(share)]),
-                          "n_share_above_half": int((share > 0.5).sum()), "most_specific": most}
+        d["per_class"] = _class_section(result, dl, add)
     if result.flips is not None:
-        flips = _np(result.flips)
-        values = np.arange(int(flips.max()) + 1 if n else 1)
-        counts = np.bincount(flips, minlength=values.size) if n else np.zeros(1, dtype=np.int64)
-        order = np.lexsort((-np.abs(dl), -flips))[:TOP]
-        order = order[flips[order] > 0]
-        ne, nc = _np(result.new_errors), _np(result.new_correct)
-        d["flips"] = {"n_with_flips": int((flips > 0).sum()), "max_flips": int(flips.max()) if n else 0,
-                      "histogram": {"flips": values.tolist(), "counts": counts.tolist()},
-                      "most_flips": _weight_rows(result, order, {"flips": lambda k: int(flips[k]),
-                                                                 "new_errors": lambda k: int(ne[k]),
-                                                                 "new_correct": lambda k: int(nc[k])})}
-        add("classes", "flips", "Prediction flips per weight (log scale).", fig_flips(values, counts))
+        d["flips"] = _flips_section(result, dl, add)
     say(f"report: classes and flips ({time.perf_counter() - started:.1f} s)")
 
     # 4. train vs test
@@ -582,43 +501,7 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
     scores, skipped, source = _criteria_scores(result, criteria, model, layer, data, batch_size, out,
                                                criteria_notes)
     if scores:
-        rank_abs = _ranks(np.abs(dl))
-        table, ranked = {}, {}
-        units = result.structure != "weight"
-        signed, estimate = (("taylor", "hessian"), "hessian") if units else (("taylor2",), "taylor2")
-        for name, s in scores.items():
-            kind = "signed estimate of delta_loss" if name in signed else "importance (>= 0)"
-            prev = ranked.get("magnitude")
-            if name == "squared" and prev is not None and _same_order(scores["magnitude"], s, prev.order):
-                # w^2 is a strictly increasing function of |w| here: every rank statistic is magnitude's
-                table[name] = {**table["magnitude"], "kind": kind, "pearson": _pearson(s, dl)}
-                continue
-            rs = ranked[name] = _Ranked(s)
-            r_abs = rs.ranks if s.size and s.min() >= 0 else _ranks(np.abs(s))
-            row = {"kind": kind, "spearman": _pearson(rs.ranks, rank_dl), "kendall": _kendall(s, dl),
-                   "pearson": _pearson(s, dl), "spearman_abs": _pearson(r_abs, rank_abs)}
-            for f in FRACTIONS:
-                k = max(1, int(round(f * n)))
-                row[f"top_{_pct(f)}"] = _overlap(rs.order, truth.order, k, True)
-                row[f"bottom_{_pct(f)}"] = _overlap(rs.order, truth.order, k, False)
-            table[name] = row
-        d["criteria"] = {"source": source, "n_weights": n, "fractions": list(FRACTIONS),
-                         "set_sizes": [max(1, int(round(f * n))) for f in FRACTIONS], "scores": table,
-                         "skipped": skipped}
-        what = "channel-level criterion against the exact effect of removing the unit" if units \
-            else "pruning criterion against the exact delta_loss"
-        add("criteria", "criteria", f"Each {what}: rank correlations and the overlap of its top (most important) "
-            "and bottom (least important) sets with the truth's.", fig_criteria(table))
-        if estimate in scores:
-            fig, (ax,) = _figure(6.5, 5)
-            label = ("hessian = -g.θ + θ'Hθ/2 over the unit (estimate)" if units
-                     else "taylor2 = -g w + h w²/2 (estimate)")
-            plot = _xy(ax, scores[estimate], dl, max_points, label, "delta_loss (exact)")
-            lo, hi = float(min(scores[estimate].min(), dl.min())), float(max(scores[estimate].max(), dl.max()))
-            ax.plot([lo, hi], [lo, hi], color=_RED, lw=0.7)
-            d["criteria"][f"{estimate}_plot"] = plot
-            add("criteria", f"{estimate}_vs_delta", "The second-order Taylor estimate against the exact change.",
-                fig, **plot)
+        d["criteria"] = _criteria_section(result, scores, skipped, source, dl, truth, max_points, add)
         say(f"report: criteria ({time.perf_counter() - started:.1f} s)")
 
     # 6. activations
@@ -646,18 +529,170 @@ def report(results, out, *, model=None, layer=None, data=None, train_result=None
         add("pruning", "pruning", "Test accuracy after pruning and fine-tuning, against sparsity: mean and sd over "
             "seeds, one line per criterion (the same fine-tuning budget for each).", fig_pruning(prune_summary))
 
-    for section, name, caption, png in figures:
+    for section, name, caption, png in figs.items:
         (out / f"{name}.png").write_bytes(png)
-    d["report"] = {"figures": meta, "max_points": max_points, "symlog": bool(symlog),
+    d["report"] = {"figures": figs.meta, "max_points": max_points, "symlog": bool(symlog),
                    "seconds": time.perf_counter() - started, "html": "report.html"}
     d = to_json(d)
-    (out / "report.html").write_text(render_html(d, figures, title), encoding="utf-8")
+    (out / "report.html").write_text(render_html(d, figs.items, title), encoding="utf-8")
     with open(out / "summary.json", "w") as fh:
         json.dump(d, fh, indent=2, allow_nan=False)
         fh.write("\n")
     say(f"report: wrote {out / 'report.html'} ({time.perf_counter() - started:.1f} s)")
     return d
 
+
+class _Figures:
+    """The report's figures in order, (section, name, caption, png), and each one's metadata."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str, str, bytes]] = []
+        self.meta: dict = {}
+
+    def add(self, section, name, caption, fig, **info):
+        png = _png(fig)
+        w, h = (int(round(v * DPI)) for v in fig.get_size_inches())
+        self.items.append((section, name, caption, png))
+        self.meta[name] = {"file": f"{name}.png", "width": w, "height": h, "section": section, **info}
+
+
+def _distribution_section(result, dl, symlog, add) -> dict:
+    """1. The distribution of delta_loss over the weights."""
+    n = dl.size
+    n_exact = int(_np(result.exact_zero).sum())
+    fig, hist = fig_delta_hist(dl, n_exact, symlog)
+    add("delta", "delta_hist", "Distribution of the loss change over the weights.", fig)
+    from scipy import stats as sps
+
+    return {
+        "n_weights": n, "n_positive": int((dl > 0).sum()), "n_negative": int((dl < 0).sum()),
+        "n_zero_delta": int((dl == 0).sum()), "n_exact_zero": n_exact,
+        "frac_negative": _f((dl < 0).mean()) if n else math.nan,
+        "sum_positive": _f(dl[dl > 0].sum()), "sum_negative": _f(dl[dl < 0].sum()),
+        "skewness": _f(sps.skew(dl)) if n > 2 and dl.std() > 0 else math.nan,
+        "excess_kurtosis": _f(sps.kurtosis(dl)) if n > 3 and dl.std() > 0 else math.nan,
+        **hist,
+    }
+
+
+def _weight_section(w, dl, rank_dl, correlation, max_points, add) -> dict:
+    """2. delta_loss against the weight: correlations, delta / |w|."""
+    fig, plot = fig_delta_vs_w(w, dl, max_points)
+    add("weights", "delta_vs_w", "The loss change against the weight and its square.", fig, **plot)
+    nz = w != 0
+    ratio = dl[nz] / np.abs(w[nz])
+    rel = {"n": int(ratio.size), "n_w_zero": int((~nz).sum()), "distribution": _distribution(ratio)}
+    if ratio.size:
+        q25, q50, q75, q005, q995 = np.quantile(ratio, [0.25, 0.5, 0.75, 0.005, 0.995])
+        mean = ratio.mean()
+        rel["dispersion"] = {
+            "std": _f(ratio.std()), "iqr": _f(q75 - q25), "mad": _f(np.median(np.abs(ratio - q50))),
+            "cv": _f(ratio.std() / abs(mean)) if mean != 0 else math.nan,
+            "quartile_coefficient": _f((q75 - q25) / abs(q50)) if q50 != 0 else math.nan,
+        }
+        rank_absw_nz = _ranks(np.abs(w[nz]))
+        rel["vs_abs_w"] = {"pearson": _pearson(ratio, np.abs(w[nz])),
+                           "spearman": _pearson(_ranks(ratio), rank_absw_nz)}
+        fig, rhist = fig_ratio(ratio, float(q005), float(q995))
+        rel["histogram"] = {**rhist, "n_below": int((ratio < q005).sum()), "n_above": int((ratio > q995).sum())}
+        add("weights", "delta_over_absw", "delta_loss / |w|: the loss change per unit of weight magnitude.", fig)
+    corr = correlation or {"abs_w": _corr(np.abs(w), dl), "w2": _corr(w * w, dl)}
+    return {"w": {"pearson": _pearson(w, dl), "spearman": _pearson(_ranks(w), rank_dl)},
+                            "abs_w": corr["abs_w"], "w2": corr["w2"], "ratio": rel, "plot": plot}
+
+
+def _class_section(result, dl, add) -> dict:
+    """3a. Which classes each weight's removal hurts or helps (by_class results)."""
+    n = dl.size
+    cl = _np(result.class_loss).astype(np.float64)
+    pos, neg = np.where(cl > 0, cl, 0.0), np.where(cl < 0, cl, 0.0)
+    cls_stats = [{"class": c, "n_hurt": int((cl[:, c] > 0).sum()), "n_help": int((cl[:, c] < 0).sum()),
+                  "sum_hurt": _f(pos[:, c].sum()), "sum_help": _f(neg[:, c].sum()), "total": _f(cl[:, c].sum()),
+                  "max_hurt": _f(cl[:, c].max()) if n else math.nan,
+                  "max_help": _f(cl[:, c].min()) if n else math.nan}
+                 for c in range(cl.shape[1])]
+    absum = np.abs(cl).sum(1)
+    dom = np.abs(cl).argmax(1) if n else np.zeros(0, dtype=np.int64)
+    dom_abs = np.abs(cl[np.arange(n), dom])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(absum > 0, dom_abs / np.where(absum > 0, absum, 1.0), np.nan)
+    net = 2 * dom_abs - absum  # the dominant class's part beyond all other classes together
+    order = np.argsort(-net, kind="stable")[:TOP]
+    order = order[net[order] > 0]
+    most = _weight_rows(result, order, {"class": lambda k: int(dom[k]),
+                                        "class_delta": lambda k: _f(cl[k, dom[k]]),
+                                        "share": lambda k: _f(share[k]), "net": lambda k: _f(net[k])})
+    heat_order = np.argsort(-net, kind="stable")[:20]
+    at = positions(result)
+    labels = [at[int(k)] for k in heat_order]
+    fig = fig_per_class(cls_stats, cl[heat_order], labels)
+    add("classes", "per_class", "Which classes a weight's removal hurts (red) or helps (blue); right: the "
+        "class parts of delta_loss of the weights whose effect is most concentrated on one class.", fig)
+    return {"n_classes": int(cl.shape[1]), "classes": cls_stats,
+                      "specificity": _distribution(share[np.isfinite(share)]),
+                      "n_share_above_half": int((share > 0.5).sum()), "most_specific": most}
+
+
+def _flips_section(result, dl, add) -> dict:
+    """3b. Prediction flips per weight."""
+    n = dl.size
+    flips = _np(result.flips)
+    values = np.arange(int(flips.max()) + 1 if n else 1)
+    counts = np.bincount(flips, minlength=values.size) if n else np.zeros(1, dtype=np.int64)
+    order = np.lexsort((-np.abs(dl), -flips))[:TOP]
+    order = order[flips[order] > 0]
+    ne, nc = _np(result.new_errors), _np(result.new_correct)
+    entry = {"n_with_flips": int((flips > 0).sum()), "max_flips": int(flips.max()) if n else 0,
+                  "histogram": {"flips": values.tolist(), "counts": counts.tolist()},
+                  "most_flips": _weight_rows(result, order, {"flips": lambda k: int(flips[k]),
+                                                             "new_errors": lambda k: int(ne[k]),
+                                                             "new_correct": lambda k: int(nc[k])})}
+    add("classes", "flips", "Prediction flips per weight (log scale).", fig_flips(values, counts))
+    return entry
+
+
+def _criteria_section(result, scores, skipped, source, dl, truth, max_points, add) -> dict:
+    """5. Each criterion (or channel-level criterion) against the exact delta_loss: rank statistics,
+    top/bottom-set overlaps, and the second-order estimate plotted against the truth."""
+    n, rank_dl = dl.size, truth.ranks
+    rank_abs = _ranks(np.abs(dl))
+    table, ranked = {}, {}
+    units = result.structure != "weight"
+    signed, estimate = (("taylor", "hessian"), "hessian") if units else (("taylor2",), "taylor2")
+    for name, s in scores.items():
+        kind = "signed estimate of delta_loss" if name in signed else "importance (>= 0)"
+        prev = ranked.get("magnitude")
+        if name == "squared" and prev is not None and _same_order(scores["magnitude"], s, prev.order):
+            # w^2 is a strictly increasing function of |w| here: every rank statistic is magnitude's
+            table[name] = {**table["magnitude"], "kind": kind, "pearson": _pearson(s, dl)}
+            continue
+        rs = ranked[name] = _Ranked(s)
+        r_abs = rs.ranks if s.size and s.min() >= 0 else _ranks(np.abs(s))
+        row = {"kind": kind, "spearman": _pearson(rs.ranks, rank_dl), "kendall": _kendall(s, dl),
+               "pearson": _pearson(s, dl), "spearman_abs": _pearson(r_abs, rank_abs)}
+        for f in FRACTIONS:
+            k = max(1, int(round(f * n)))
+            row[f"top_{_pct(f)}"] = _overlap(rs.order, truth.order, k, True)
+            row[f"bottom_{_pct(f)}"] = _overlap(rs.order, truth.order, k, False)
+        table[name] = row
+    entry = {"source": source, "n_weights": n, "fractions": list(FRACTIONS),
+             "set_sizes": [max(1, int(round(f * n))) for f in FRACTIONS], "scores": table,
+             "skipped": skipped}
+    what = "channel-level criterion against the exact effect of removing the unit" if units \
+        else "pruning criterion against the exact delta_loss"
+    add("criteria", "criteria", f"Each {what}: rank correlations and the overlap of its top (most important) "
+        "and bottom (least important) sets with the truth's.", fig_criteria(table))
+    if estimate in scores:
+        fig, (ax,) = _figure(6.5, 5)
+        label = ("hessian = -g.θ + θ'Hθ/2 over the unit (estimate)" if units
+                 else "taylor2 = -g w + h w²/2 (estimate)")
+        plot = _xy(ax, scores[estimate], dl, max_points, label, "delta_loss (exact)")
+        lo, hi = float(min(scores[estimate].min(), dl.min())), float(max(scores[estimate].max(), dl.max()))
+        ax.plot([lo, hi], [lo, hi], color=_RED, lw=0.7)
+        entry[f"{estimate}_plot"] = plot
+        add("criteria", f"{estimate}_vs_delta", "The second-order Taylor estimate against the exact change.",
+            fig, **plot)
+    return entry
 
 def _criteria_scores(result, given, model, layer, data, batch_size, out, notes=None):
     """(scores at the result's weights or units, skipped criteria, where they came from)."""
