@@ -148,8 +148,6 @@ def _load_criteria(path, result, log):
 
 
 def cmd_report(args) -> int:
-    import numpy as np
-
     from .activations import ActivationStats
     from .cli_common import CLIError
     from .outputs import check_outputs
