@@ -387,3 +387,42 @@ def test_taylor_on_an_in_place_residual_says_why():
     for b in model.blocks:
         b.inplace = False  # the same function, out of place: autograd follows it
     assert criteria.compute(model, "blocks.0.qkv", (X, y), ("taylor",))["taylor"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("layer,scale", [("blocks.1.fc", 0.2), ("blocks.1.out", 1.0)])
+def test_layernorm_moment_path_matches_oracle_and_exact_mode(layer, scale):
+    """The O(1) moment path (mode="auto") on whole rows: most (weight, token)s certified, the rest
+    scored by the exact form; against the float64 oracle and mode="exact" (O(vocabulary) throughout)."""
+    model = gpt()
+    with torch.no_grad():
+        model.get_submodule(layer).weight.mul_(scale)
+    X, y = lm_data()
+    n_in = model.get_submodule(layer).in_features
+    w = torch.arange(3 * n_in)  # three whole rows
+    ref = token_oracle(model, layer, X, y, w)
+    auto = wa.ablate(model, layer, (X, y), w, precision="float64", by_class=True)
+    exact = wa.ablate(model, layer, (X, y), w, precision="float64", by_class=True, mode="exact")
+    assert "mixed moments" in auto.head and "O(vocabulary)" in exact.head
+    assert 0 < auto.extra["exact_fraction"] < 0.5, auto.extra  # both parts of the path ran
+    assert_tokens_match(auto, ref, rtol=1e-9)
+    assert torch.allclose(auto.delta_loss, exact.delta_loss, rtol=1e-10, atol=1e-16)
+    assert torch.allclose(auto.delta_kl, exact.delta_kl, rtol=1e-9, atol=1e-16)
+    assert torch.allclose(auto.class_loss, exact.class_loss, rtol=1e-9, atol=1e-15)
+    for field in ("flips", "new_errors", "new_correct", "exact_zero"):
+        assert torch.equal(getattr(auto, field), getattr(exact, field)), field
+
+
+def test_layernorm_moment_path_without_the_certificate_is_all_exact(monkeypatch):
+    """CERTIFY = 0: no truncation passes, every (weight, token) is scored by the exact form; the
+    same numbers as with the certificate."""
+    from weightablate import token_moments
+
+    model = gpt()
+    X, y = lm_data()
+    w = some(16 * 64, 40)
+    a = wa.ablate(model, "blocks.1.fc", (X, y), w, precision="float64")
+    monkeypatch.setattr(token_moments, "CERTIFY", 0.0)
+    b = wa.ablate(model, "blocks.1.fc", (X, y), w, precision="float64")
+    assert a.extra["exact_fraction"] < 1 and b.extra["exact_fraction"] == 1
+    assert torch.allclose(a.delta_loss, b.delta_loss, rtol=1e-10, atol=1e-16)
+    assert torch.equal(a.flips, b.flips)

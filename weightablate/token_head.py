@@ -31,9 +31,13 @@ from .memory import CPU_REPLAY_BYTES
 from .plan import _node_step
 from .replay import param_values, score_logit_deltas
 from .sweep import Batch
+from .token_moments import ORDER, TokenStats, exact_entries, score_pairs, unit_moments
 
 ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 BYTES_PER_ENTRY = 8 * 6  # float64 (pairs x tokens x vocabulary) blocks: dl, its products, the scoring's
+MOMENT_BYTES_PER_ENTRY = 8 * 48  # the moment path's (pairs x tokens) float64 temporaries
+# the moments of one (unit, token): mu_rs and the raw moments they are shifted from, float64
+MOMENT_BYTES_PER_UNIT_TOKEN = 8 * (ORDER + 1) * (ORDER + 2)
 
 
 @dataclass
@@ -125,13 +129,16 @@ def _one_token(index):
 
 
 class TokenClosedForm:
-    """Scores each (weight, token) pair in O(V) from the two-dimensional LayerNorm family above."""
+    """Scores each (weight, token) pair from the two-dimensional LayerNorm family above: in O(1) from
+    mixed moments (weightablate.token_moments; mode="auto"), where its certificate and flip test
+    hold, else (and with mode="exact") in O(vocabulary)."""
 
     def __init__(self, graph, target: nn.Linear, th: TokenHead, param: str, flat: torch.Tensor, want_flips: bool,
-                 by_class: bool, why: str):
+                 by_class: bool, why: str, mode: str = "auto"):
         self.graph, self.target, self.th, self.param = graph, target, th, param
         self.flat = flat.to(target.weight.device)
         self.want_flips, self.by_class, self.why = want_flips, by_class, why
+        self.moments_on = mode != "exact"
         self.tokens = True
         self.vals = None
         f64 = torch.float64
@@ -144,6 +151,8 @@ class TokenClosedForm:
             th.head.bias.detach().to(f64) if th.head.bias is not None else 0)
         self.P = th.proj.weight.detach().to(f64) if th.proj is not None else None  # (D, I)
         self.n_vocab = self.V.shape[0]
+        self.units = self.flat if param == "bias" else self.flat // target.in_features
+        self.exact_entries = self.entries = 0  # (pair, token)s the exact form scored, of all with d != 0
 
     @property
     def kind(self) -> str:
@@ -151,7 +160,16 @@ class TokenClosedForm:
 
     @property
     def description(self) -> str:
-        return f"{self.th.description}: LayerNorm closed form, O(vocabulary) per weight and token" + self.why
+        how = "O(1) per weight and token from mixed moments" if self.moments_on else "O(vocabulary) per weight and token"
+        return f"{self.th.description}: LayerNorm closed form, {how}" + self.why
+
+    @property
+    def counts(self) -> dict:
+        """The moment path's (pair, token) counts: how many the exact O(vocabulary) form scored."""
+        if not self.moments_on:
+            return {}
+        return {"exact_pairs": self.exact_entries, "active_pairs": self.entries,
+                "exact_fraction": self.exact_entries / max(1, self.entries)}
 
     def prepare(self, x, y) -> torch.Tensor:
         values = capture_values(self.graph, x)
@@ -170,13 +188,16 @@ class TokenClosedForm:
         self.var_h = (self.hc * self.hc).mean(1)
         self.s0 = torch.sqrt(self.var_h + self.th.ln.eps)
         self.A = (self.hc * self.gamma) @ self.V.t()  # (M, vocab)
+        self.stats = self.mom = None  # the moment path's, per batch (made by the first score)
         if self.vals is None:
             self.vals = param_values(self.target, self.param, self.flat)
         return logits
 
     def chunk_size(self, n: int, max_memory: int) -> int:
         self.budget = min(max_memory, CPU_REPLAY_BYTES) if self.flat.device.type == "cpu" else max_memory
-        return max(1, self.budget // (BYTES_PER_ENTRY * max(self.a.shape[0], 1) * self.n_vocab))
+        self.moment_budget = max_memory // 2
+        per_pair = MOMENT_BYTES_PER_ENTRY if self.moments_on else BYTES_PER_ENTRY * self.n_vocab
+        return max(1, self.budget // (per_pair * max(self.a.shape[0], 1)))
 
     def unit_deltas(self, sl: slice):
         """(K, M) change d of each pair's unit after the element-wise maps, and the units."""
@@ -201,34 +222,87 @@ class TokenClosedForm:
                 u, up = step[1](u), step[1](up)
         return up - u, i
 
+    def directions(self, units: torch.Tensor):
+        """For the units (U,): the centred directions pc (U, D) of the LayerNorm's input, var_p (U,)
+        and B = V (gamma * pc) (U, vocab)."""
+        if self.P is not None:
+            p = self.P[:, units].t()
+        else:
+            p = torch.zeros(units.numel(), self.V.shape[1], dtype=torch.float64, device=self.V.device)
+            p[torch.arange(units.numel(), device=p.device), units] = 1.0
+        pc = p - p.mean(1, keepdim=True)
+        return pc, (pc * pc).mean(1), (pc * self.gamma) @ self.V.t()
+
     def score(self, batch, sl: slice):
         d, i = self.unit_deltas(sl)  # (K, M)
-        if self.P is not None:
-            p = self.P[:, i].t()  # (K, D)
-        else:
-            p = torch.zeros(i.numel(), self.V.shape[1], dtype=torch.float64, device=self.V.device)
-            p[torch.arange(i.numel(), device=p.device), i] = 1.0
-        pc = p - p.mean(1, keepdim=True)
-        var_p = (pc * pc).mean(1)[:, None]  # (K, 1)
-        cov = (pc @ self.hc.t()) / pc.shape[1]  # (K, M)
-        B = (pc * self.gamma) @ self.V.t()  # (K, vocab)
-        s0 = self.s0[None]
-        grow = d * (2 * cov + d * var_p)  # s(d)^2 - s(0)^2
-        s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
-        alpha = -grow / (s * s0 * (s + s0))  # 1/s(d) - 1/s(0)
-        beta = d / s
+        if self.moments_on:
+            return self._score_moments(batch, d, i, sl)
+        units, inv = torch.unique(i, return_inverse=True)
+        pc, var_p, B = self.directions(units)
+        alpha, beta = self._scalars(d, pc[inv], var_p[inv])
         # (pairs x tokens x vocabulary) blocks within the budget: tokens are split when one pair's are too many
         K, M = d.shape
         step = max(1, getattr(self, "budget", CPU_REPLAY_BYTES) // (BYTES_PER_ENTRY * K * self.n_vocab))
         total = None
         for r in (slice(t, t + step) for t in range(0, M, step)):
-            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[:, None, :]
+            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[inv][:, None, :]
             rows = Batch(logits=batch.logits[r], probs=batch.probs[r], labels=batch.labels[r])
-            parts = score_logit_deltas(dl, rows, self.want_flips, self.by_class,
-                                       torch.promote_types(self.target.weight.dtype, torch.float32))
+            parts = score_logit_deltas(dl, rows, self.want_flips, self.by_class, self._flip_dtype())
             total = parts if total is None else tuple(
                 a | b if a.dtype == torch.bool else a + b for a, b in zip(total, parts))
         return total
+
+    def _flip_dtype(self):
+        return torch.promote_types(self.target.weight.dtype, torch.float32)
+
+    def _scalars(self, d, pc, var_p):
+        """alpha = 1/s(d) - 1/s(0) and beta = d / s(d) (K, M) for pairs with centred directions pc (K, D)."""
+        cov = (pc @ self.hc.t()) / pc.shape[1]  # (K, M)
+        s0 = self.s0[None]
+        grow = d * (2 * cov + d * var_p[:, None])  # s(d)^2 - s(0)^2
+        s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
+        return -grow / (s * s0 * (s + s0)), d / s
+
+    def _moments_for(self, units: torch.Tensor, sl: slice):
+        """The moments of a block of units that holds ``units`` (the chunk's) and, within the moment
+        budget, the units of the weights that follow: one set of matrix products serves many chunks."""
+        if self.mom is not None and bool(torch.isin(units, self.mom_units).all()):
+            return
+        M = max(self.a.shape[0], 1)
+        cap = max(units.numel(), self.moment_budget // (MOMENT_BYTES_PER_UNIT_TOKEN * M))
+        ahead = torch.unique_consecutive(self.units[sl.stop: sl.stop + cap * max(1, self.target.in_features)])
+        ahead = ahead[~torch.isin(ahead, units)][: cap - units.numel()]
+        self.mom_units = torch.unique(torch.cat([units, ahead]))
+        self.pc_m, self.var_m, self.B_m = self.directions(self.mom_units)
+        self.mom = unit_moments(self.stats, self.B_m)
+
+    def _score_moments(self, batch, d, i, sl):
+        if self.stats is None:
+            self.stats = TokenStats(self.A, batch.logits, batch.probs, batch.labels)
+        units = torch.unique(i)
+        self._moments_for(units, sl)
+        slot = torch.searchsorted(self.mom_units, i)
+        alpha, beta = self._scalars(d, self.pc_m[slot], self.var_m[slot])
+        flip_dtype = self._flip_dtype()
+        dce, kl, undecided = score_pairs(alpha, beta, slot, self.stats, self.mom, torch.finfo(flip_dtype).eps,
+                                         self.want_flips)
+        K, M = d.shape
+        active = d != 0
+        undecided &= active
+        flips = torch.zeros(K, M, dtype=torch.bool, device=d.device)
+        new_err, new_corr = torch.zeros_like(flips), torch.zeros_like(flips)
+        k, t = undecided.nonzero(as_tuple=True)
+        if k.numel():
+            out = exact_entries(alpha[k, t], beta[k, t], self.A, self.B_m[slot[k]], batch, t, flip_dtype,
+                                self.want_flips)
+            dce[k, t], kl[k, t], flips[k, t], new_err[k, t], new_corr[k, t] = out
+        self.exact_entries += int(k.numel())
+        self.entries += int(active.sum())
+        nonzero = (active & (self.mom["abs"][slot] > 0)[:, None]).any(1)
+        class_loss = torch.zeros(K, self.n_vocab if self.by_class else 0, dtype=torch.float64, device=d.device)
+        if self.by_class:
+            class_loss.index_add_(1, batch.labels, dce)
+        return (dce.sum(1), kl.sum(1), flips.sum(1), new_err.sum(1), new_corr.sum(1), nonzero, class_loss)
 
 
 def _rows(logits, y):

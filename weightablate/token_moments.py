@@ -1,0 +1,179 @@
+"""The LayerNorm closed form's moment path: O(1) per (weight, token) instead of O(vocabulary).
+
+weightablate.token_head reduces an ablation to the logit change ``alpha A_t + beta B_i`` (``A_t``:
+the token's direction, ``B_i``: the unit's, both over the vocabulary; ``alpha``, ``beta``: two
+scalars per (weight, token)). About the token's top class ``c*`` (``a = A_t - A_t[c*]``,
+``b = B_i - B_i[c*]``; the top class's own term is zero, so every moment carries ``q = 1 - p_top``)
+the change of the log-partition is ``log1p(S)`` with
+
+    S = sum_c p_c expm1(alpha a_c + beta b_c) = sum_{1 <= r+s} alpha^r beta^s mu_rs / (r! s!),
+    mu_rs[t, i] = sum_c p_tc a_tc^r b_ic^s,
+
+so with the mixed moments of order r + s <= D (per token and unit: matrix products over the
+vocabulary, once per batch and unit, shared by all the unit's weights) a pair costs O(D^2):
+KL = S_2 + (log1p(S) - S) (S_2: the terms of order >= 2) and dCE = KL + alpha (E_p a - a_y) +
+beta (E_p b - b_y). Truncating after order D errs by at most ``q x^(D+1) e^x / (D+1)!`` with
+``x = |alpha| max|a| + |beta| (max B_i - min B_i)``; a (weight, token) whose bound exceeds
+CERTIFY * KL (or x > 1/2) is scored by the exact O(vocabulary) form instead, and so is any whose
+flip the margin test ``x < margin - rounding`` cannot rule out. The b-moments are taken about the
+unit's mean over the vocabulary and shifted binomially to the top class per token, as in
+weightablate.fused; everything is float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._reference import _exact_kl
+
+ORDER = 6  # D: mixed moments of order r + s <= D (even: the certificate uses E_p[y^D] >= 0)
+CERTIFY = 1e-10  # the truncation bound allowed, relative to the pair's KL
+LOG_SERIES_MAX = 6.5e-3  # |S| up to which log1p(S) - S is summed as its series (degree 9)
+_BLOCK = 1 << 24  # float64 entries of one (tokens x vocabulary) temporary
+EXACT_BLOCK = 1 << 23  # (pairs x vocabulary) entries of one block of the exact fallback
+_PAIRS = [(r, s) for k in range(1, ORDER + 1) for r in range(k + 1) for s in (k - r,)]
+
+
+def log1p_minus(s: torch.Tensor) -> torch.Tensor:
+    """log1p(s) - s without the cancellation at small |s|."""
+    small = s.abs() <= LOG_SERIES_MAX
+    series = torch.zeros_like(s)
+    for k in range(9, 1, -1):  # sum_{k=2..9} (-1)^(k+1) s^k / k, by Horner
+        series = (series + (-1) ** (k + 1) / k) * s
+    series = series * s
+    return torch.where(small, series, torch.log1p(s) - s)
+
+
+class TokenStats:
+    """Per-token quantities of one batch: top class, the a-moments, margins."""
+
+    def __init__(self, A: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor):
+        M, V = A.shape
+        self.top = logits.argmax(1)
+        rows = torch.arange(M, device=A.device)
+        self.rest = probs.clone()
+        self.rest[rows, self.top] = 0.0  # the top class's terms are zero: leave it out exactly
+        self.q = self.rest.sum(1)
+        self.a = A - A[rows, self.top][:, None]  # (M, V)
+        self.a_max = self.a.abs().amax(1)
+        amom = []
+        ar = torch.ones_like(self.a)
+        for _ in range(ORDER):
+            ar = ar * self.a
+            amom.append((self.rest * ar).sum(1))
+        self.amom = amom  # amom[r - 1][t] = mu_r0
+        self.gap_a = amom[0] - self.a[rows, labels]
+        if V > 1:
+            two = logits.topk(2, 1).values
+            self.margin = two[:, 0] - two[:, 1]
+        else:
+            self.margin = torch.full((M,), math.inf, dtype=logits.dtype, device=logits.device)
+        self.logit_abs = logits.abs().amax(1)
+        self.A_abs = A.abs().amax(1)
+        self.labels = labels
+
+
+def unit_moments(ts: TokenStats, B: torch.Tensor) -> dict:
+    """The mixed moments mu_rs (M, U) of the units whose directions are the rows of B (U, V), the
+    label gaps E_p b - b_y (M, U) and each unit's range max B - min B (U,)."""
+    M, V = ts.a.shape
+    U = B.shape[0]
+    centre = B.mean(1, keepdim=True)
+    Bc = B - centre
+    powers = [Bc]
+    for _ in range(ORDER - 1):
+        powers.append(powers[-1] * Bc)
+    raw = {}  # raw[(r, j)] = sum_c rest a^r (B - centre)^j, j >= 1
+    step = max(1, _BLOCK // max(V, 1))
+    for t0 in range(0, M, step):
+        rows = slice(t0, t0 + step)
+        rest, a = ts.rest[rows], ts.a[rows]
+        pr = rest
+        for r in range(ORDER):
+            for j in range(1, ORDER - r + 1):
+                part = pr @ powers[j - 1].t()
+                if (r, j) in raw:
+                    raw[(r, j)].append(part)
+                else:
+                    raw[(r, j)] = [part]
+            pr = pr * a
+    raw = {k: torch.cat(v) for k, v in raw.items()}
+    w = Bc.t()[ts.top]  # (M, U): B[top] - centre
+    neg = [torch.ones_like(w)]
+    for _ in range(ORDER):
+        neg.append(neg[-1] * -w)
+    mu = {}
+    for r, s in _PAIRS:  # (b)^s = (Bc - w)^s = sum_j binom(s, j) Bc^j (-w)^(s - j)
+        if s == 0:
+            mu[(r, s)] = ts.amom[r - 1][:, None].expand(M, U)
+            continue
+        base = ts.amom[r - 1][:, None] if r > 0 else ts.q[:, None]
+        acc = base * neg[s]
+        for j in range(1, s + 1):
+            acc = acc + math.comb(s, j) * raw[(r, j)] * neg[s - j]
+        mu[(r, s)] = acc
+    gap_b = mu[(0, 1)] - (Bc.t()[ts.labels] - w)
+    return {"mu": mu, "gap_b": gap_b, "range": B.amax(1) - B.amin(1), "abs": B.abs().amax(1)}
+
+
+def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool):
+    """(dce, kl, undecided (K, M) bool) for the pairs (K, M) whose unit has row ``slot`` (K,) in
+    ``mom``; undecided marks the (pair, token)s the certificate or the flip test leaves to the exact
+    form (their dce and kl here are not to be used)."""
+    mu = {k: v.t()[slot] for k, v in mom["mu"].items()}  # (K, M)
+    apow, bpow = [torch.ones_like(alpha)], [torch.ones_like(beta)]
+    for n in range(1, ORDER + 1):
+        apow.append(apow[-1] * alpha / n)  # alpha^n / n!
+        bpow.append(bpow[-1] * beta / n)
+    s1 = alpha * mu[(1, 0)] + beta * mu[(0, 1)]
+    s2 = torch.zeros_like(alpha)
+    top = torch.zeros_like(alpha)  # the order-D terms: E_p[(alpha a + beta b)^D] / D!
+    for r, s in _PAIRS:
+        if r + s >= 2:
+            term = apow[r] * bpow[s] * mu[(r, s)]
+            s2 = s2 + term
+            if r + s == ORDER:
+                top = top + term
+    kl = s2 + log1p_minus(s1 + s2)
+    dce = kl + alpha * ts.gap_a[None] + beta * mom["gap_b"].t()[slot]
+    x = alpha.abs() * ts.a_max[None] + beta.abs() * mom["range"][slot][:, None]
+    # the remainder sum_c p_c |y_c|^(D+1) e^|y_c| / (D+1)! with |y_c| <= x, bounded by q x^(D+1) and,
+    # D being even, by E_p[y^D] x (tighter: most of p sits on classes with |y_c| far below x);
+    # E_p[y^D] is taken as computed plus its rounding bound (V + 2D + 4) 2u 2^D q x^D
+    V = ts.a.shape[1]
+    mD = top.clamp_min(0) * math.factorial(ORDER) + (V + 2 * ORDER + 4) * 4.4e-16 * 2 ** ORDER * ts.q[None] * x ** ORDER
+    bound = torch.minimum(ts.q[None] * x ** ORDER, mD) * x * torch.exp(x) / math.factorial(ORDER + 1)
+    undecided = (x > 0.5) | (bound > CERTIFY * kl)
+    if want_flips:
+        # the rounded logits keep the top class strictly first when the change of any gap stays
+        # below the margin by more than their rounding (|l| + |dl| bounds the logits' size)
+        size = ts.logit_abs[None] + alpha.abs() * ts.A_abs[None] + beta.abs() * mom["abs"][slot][:, None]
+        safe = ts.margin[None] - 4 * flip_eps * size
+        undecided |= x >= safe
+    return dce, kl, undecided
+
+
+def exact_entries(alpha, beta, A, B_rows, batch, t, flip_dtype, want_flips):
+    """The exact O(vocabulary) scores of E (pair, token) entries: alpha, beta (E,), the token rows t
+    (E,) and their units' directions B_rows (E, V): (dce, kl, flip, new_err, new_corr) (E,)."""
+    E = alpha.shape[0]
+    V = A.shape[1]
+    out = [torch.zeros(E, dtype=torch.float64, device=A.device) for _ in range(2)] + [
+        torch.zeros(E, dtype=torch.bool, device=A.device) for _ in range(3)]
+    step = max(1, EXACT_BLOCK // max(V, 1))
+    ones = torch.ones(E, dtype=torch.float64, device=A.device)
+    for e in range(0, E, step):
+        sl = slice(e, e + step)
+        tt = t[sl]
+        dl = alpha[sl, None] * A[tt] + beta[sl, None] * B_rows[sl]
+        kl, m1 = _exact_kl(batch.probs[tt], dl, ones[sl], batch.logits, tt)
+        out[0][sl] = kl + m1 - dl.gather(1, batch.labels[tt][:, None])[:, 0]
+        out[1][sl] = kl
+        if want_flips:
+            pred = batch.logits[tt].argmax(1)
+            now = (batch.logits[tt] + dl).to(flip_dtype).argmax(1)
+            flip = now != pred
+            out[2][sl], out[3][sl] = flip, flip & (pred == batch.labels[tt])
+            out[4][sl] = flip & (now == batch.labels[tt])
+    return out
