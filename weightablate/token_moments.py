@@ -12,12 +12,14 @@ the change of the log-partition is ``log1p(S)`` with
 so with the mixed moments of order r + s <= D (per token and unit: matrix products over the
 vocabulary, once per batch and unit, shared by all the unit's weights) a pair costs O(D^2):
 KL = S_2 + (log1p(S) - S) (S_2: the terms of order >= 2) and dCE = KL + alpha (E_p a - a_y) +
-beta (E_p b - b_y). Truncating after order D errs by at most ``q x^(D+1) e^x / (D+1)!`` with
-``x = |alpha| max|a| + |beta| (max B_i - min B_i)``; a (weight, token) whose bound exceeds
-CERTIFY * KL (or x > 1/2) is scored by the exact O(vocabulary) form instead, and so is any whose
-flip the margin test ``x < margin - rounding`` cannot rule out. The b-moments are taken about the
-unit's mean over the vocabulary and shifted binomially to the top class per token, as in
-weightablate.fused; everything is float64.
+beta (E_p b - b_y). Truncating after order D errs by at most ``sum_c p_c |y_c|^(D+1) e^|y_c| / (D+1)!``
+with ``|y_c| <= x = |alpha| max|a| + |beta| (max B_i - min B_i)``, so by ``min(q x^D, E_p[y^D]) x e^x /
+(D+1)!`` (D even: ``E_p[y^D] >= 0`` is the series' own order-D term times D!, taken with its rounding
+bound; it is the tight one, as most of p sits on classes with |y_c| far below x). A (weight, token)
+whose bound exceeds CERTIFY * KL (or x > 1/2) is scored by the exact O(vocabulary) form instead, and
+so is any whose flip the margin test ``x < margin - rounding`` cannot rule out. The b-moments are
+taken about the unit's mean over the vocabulary and shifted binomially to the top class per token,
+as in weightablate.fused; everything is float64.
 """
 from __future__ import annotations
 
