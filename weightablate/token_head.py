@@ -31,7 +31,7 @@ from .memory import CPU_REPLAY_BYTES
 from .plan import _node_step
 from .replay import param_values, score_logit_deltas
 from .sweep import Batch
-from .token_moments import ORDER, TokenStats, exact_entries, score_pairs, unit_moments
+from .token_moments import ORDER, TokenStats, exact_entries, flip_size, near_flips, score_pairs, unit_moments
 
 ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 BYTES_PER_ENTRY = 8 * 6  # float64 (pairs x tokens x vocabulary) blocks: dl, its products, the scoring's
@@ -284,14 +284,23 @@ class TokenClosedForm:
         slot = torch.searchsorted(self.mom_units, i)
         alpha, beta = self._scalars(d, self.pc_m[slot], self.var_m[slot])
         flip_dtype = self._flip_dtype()
-        dce, kl, undecided = score_pairs(alpha, beta, slot, self.stats, self.mom, torch.finfo(flip_dtype).eps,
-                                         self.want_flips)
+        eps = torch.finfo(flip_dtype).eps
+        dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, eps, False)
         K, M = d.shape
         active = d != 0
-        undecided &= active
+        uncertified &= active
         flips = torch.zeros(K, M, dtype=torch.bool, device=d.device)
         new_err, new_corr = torch.zeros_like(flips), torch.zeros_like(flips)
-        k, t = undecided.nonzero(as_tuple=True)
+        if self.want_flips:  # the margin cannot rule a flip out: the argmax over the nearest classes, or all
+            x, rounding = flip_size(alpha, beta, slot, self.stats, self.mom, eps)
+            fk, ft = (active & ~uncertified & (x >= self.stats.margin[None] - rounding)).nonzero(as_tuple=True)
+            near = x[fk, ft] < self.stats.near_gap[ft] - rounding[fk, ft]
+            nk, nt = fk[near], ft[near]
+            if nk.numel():
+                flips[nk, nt], new_err[nk, nt], new_corr[nk, nt] = near_flips(
+                    alpha[nk, nt], beta[nk, nt], self.A, self.B_m, slot[nk], batch, self.stats, nt, flip_dtype)
+            uncertified[fk[~near], ft[~near]] = True
+        k, t = uncertified.nonzero(as_tuple=True)
         if k.numel():
             out = exact_entries(alpha[k, t], beta[k, t], self.A, self.B_m[slot[k]], batch, t, flip_dtype,
                                 self.want_flips)

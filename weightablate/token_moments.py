@@ -34,6 +34,7 @@ CERTIFY = 1e-10  # the truncation bound allowed, relative to the pair's KL
 LOG_SERIES_MAX = 6.5e-3  # |S| up to which log1p(S) - S is summed as its series (degree 9)
 _BLOCK = 1 << 24  # float64 entries of one (tokens x vocabulary) temporary
 EXACT_BLOCK = 1 << 23  # (pairs x vocabulary) entries of one block of the exact fallback
+NEAR = 16  # a flip the margin test cannot rule out is resolved over the top class and the NEAR next
 _PAIRS = [(r, s) for k in range(1, ORDER + 1) for r in range(k + 1) for s in (k - r,)]
 
 
@@ -72,6 +73,9 @@ class TokenStats:
         else:
             self.margin = torch.full((M,), math.inf, dtype=logits.dtype, device=logits.device)
         self.logit_abs = logits.abs().amax(1)
+        vals, idx = logits.topk(min(V, NEAR + 2), 1)
+        self.near = idx[:, : NEAR + 1]  # the top class and the NEAR next, by logit
+        self.near_gap = (vals[:, 0] - vals[:, NEAR + 1]) if V > NEAR + 1 else torch.full_like(self.margin, math.inf)
         self.A_abs = A.abs().amax(1)
         self.labels = labels
 
@@ -148,12 +152,33 @@ def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, w
     bound = torch.minimum(ts.q[None] * x ** ORDER, mD) * x * torch.exp(x) / math.factorial(ORDER + 1)
     undecided = (x > 0.5) | (bound > CERTIFY * kl)
     if want_flips:
-        # the rounded logits keep the top class strictly first when the change of any gap stays
-        # below the margin by more than their rounding (|l| + |dl| bounds the logits' size)
-        size = ts.logit_abs[None] + alpha.abs() * ts.A_abs[None] + beta.abs() * mom["abs"][slot][:, None]
-        safe = ts.margin[None] - 4 * flip_eps * size
-        undecided |= x >= safe
+        x, rounding = flip_size(alpha, beta, slot, ts, mom, flip_eps)
+        undecided |= x >= ts.margin[None] - rounding
     return dce, kl, undecided
+
+
+def flip_size(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float):
+    """(x, rounding) (K, M): x bounds the change of every logit gap to the top class, rounding the
+    logits' rounding to the model's dtype (|l| + |dl| bounds their size): a class whose gap to the top
+    exceeds x + rounding stays strictly below it."""
+    x = alpha.abs() * ts.a_max[None] + beta.abs() * mom["range"][slot][:, None]
+    size = ts.logit_abs[None] + alpha.abs() * ts.A_abs[None] + beta.abs() * mom["abs"][slot][:, None]
+    return x, 4 * flip_eps * size
+
+
+def near_flips(alpha, beta, A, B, u, batch, ts: TokenStats, t, flip_dtype):
+    """(flip, new_err, new_corr) (E,) of entries (token t, unit row u of B) whose flip can only go
+    to one of the token's NEAR nearest classes: argmax of the rounded logits over the top class and those (first index on ties,
+    as torch.argmax over all classes)."""
+    cls = ts.near[t]  # (E, NEAR + 1)
+    dl = alpha[:, None] * A[t[:, None], cls] + beta[:, None] * B[u[:, None], cls]  # as exact_entries
+    now_v = (batch.logits[t[:, None], cls] + dl).to(flip_dtype)
+    best = now_v.amax(1, keepdim=True)
+    V = batch.logits.shape[1]
+    now = torch.where(now_v == best, cls, V).amin(1)
+    pred, y = ts.top[t], batch.labels[t]
+    flip = now != pred
+    return flip, flip & (pred == y), flip & (now == y)
 
 
 def exact_entries(alpha, beta, A, B_rows, batch, t, flip_dtype, want_flips):
