@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .dataflow import SKIP_FRAMES, check_dataflow, where
-from .twins import twin
+from .twins import Refused, twin
 
 # Nodes whose value is metadata of a tensor (its shape), not a function of its values: they do
 # not carry a change of the target's output.
@@ -155,6 +155,8 @@ def trace(model: nn.Module, name: str, target: nn.Module | None, param: str, x: 
     tracer = _Tracer(target)
     try:
         graph = tracer.trace(model)
+    except Refused as exc:  # a twin's own message: it names the construct and a workaround
+        raise ValueError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "not traceable"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"model: torch.fx cannot trace its forward{_where(exc)} ({type(exc).__name__}: {msg}); "
