@@ -127,7 +127,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             counts as one prediction (weightablate.tokens; README "Transformers"). Used in eval mode; its modes are
             restored and its weights are never changed (bit-identical after the call).
         layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
-            (grouped and depthwise included) anywhere in the model.
+            (grouped and depthwise included) anywhere in the model, or an ``nn.MultiheadAttention``
+            (self-attention, batch_first): its packed ``in_proj_weight`` (3E x E, rows q, k, v) or
+            ``in_proj_bias``; ``res.param`` is then "in_proj_weight" or "in_proj_bias".
         data: a DataLoader, any iterable of ``(inputs, labels)`` batches, or a tuple ``(X, y)``.
         weights: None (every entry), an int K (K distinct entries drawn uniformly with ``seed``), a 1-D
             integer tensor of flat indices into ``layer.weight`` (or ``layer.bias``), or a pair
@@ -153,7 +155,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             batch (capture, then scoring), so memory does not grow with the dataset's length:
             only one batch, its captures and one chunk of scratch are held at a time.
         progress: None = a bar when stdout and stderr are terminals; True/False force it.
-        param: "weight" or "bias": which parameter of ``layer`` the indices refer to.
+        param: "weight" or "bias": which parameter of ``layer`` the indices refer to (of an
+            nn.MultiheadAttention: its in_proj_weight or in_proj_bias; those names are accepted too).
         method: "auto" (the fastest that fits, below) or one of "closed_form", "funnel", "replay" to
             force it (a ValueError says why when it does not apply). Ignored by backend="naive".
         checkpoint_dir: a directory where the running sums are saved (atomically, with checksums
