@@ -263,3 +263,17 @@ def test_other_refusals():
     with pytest.raises(ValueError, match=r"no in_proj_bias"):
         wa.ablate(model, "attn", (X, y), "bias")
     assert wa.ablate(model, "attn", (X, y), 2).weight_shape == (24, 8)  # no bias: the weight still works
+
+
+def test_hook_on_the_attention_is_refused():
+    model = lm()
+    X, y = lm_data()
+    handle = model.attn.register_forward_hook(lambda m, a, out: (2 * out[0], out[1]))
+    try:
+        with pytest.raises(ValueError, match=r"module 'attn' \(MultiheadAttention\) holds the target and has a "
+                                             r"forward hook"):
+            wa.ablate(model, "attn", (X, y), 2)
+        with pytest.raises(ValueError, match=r"forward hook"):
+            wa.ablate(model, "attn.out_proj", (X, y), 2)
+    finally:
+        handle.remove()
