@@ -277,3 +277,16 @@ def test_hook_on_the_attention_is_refused():
             wa.ablate(model, "attn.out_proj", (X, y), 2)
     finally:
         handle.remove()
+
+
+def test_bias_kv_and_zero_attn_match_token_oracle():
+    model = lm(need_weights=True)
+    torch.manual_seed(1)
+    model.attn = randomize_in_proj_bias(nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True,
+                                                              add_zero_attn=True)).eval()
+    X, y = lm_data()
+    w = qkv_rows(8, per=2)
+    res = wa.ablate(model, "attn", (X, y), w, precision="float64")
+    ref = token_oracle(model, "attn", X, y, w, "in_proj_weight")
+    assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-7, atol=1e-13)
+    assert torch.equal(res.flips, ref["flips"])
