@@ -2,7 +2,6 @@
 scored by replay against the float64 oracle; the model left exactly as it was; what is refused."""
 import pytest
 import torch
-import torch.nn.functional as F
 from oracle import oracle, token_oracle
 from torch import nn
 
