@@ -242,15 +242,6 @@ def test_separate_qkv_linears_match_oracle(layer):
         assert_tokens_match(res, token_oracle(model, layer, X, y, idx, param))
 
 
-def test_in_proj_weight_refused_with_a_workaround():
-    torch.manual_seed(0)
-    model = EncoderClassifier(False).eval()
-    X, y = torch.randn(4, 6, 5), torch.randint(0, 3, (4,))
-    with pytest.raises(TypeError, match=r"enc.layers.0.self_attn' is an nn.MultiheadAttention.*out_proj.*"
-                                        r"scaled_dot_product_attention"):
-        wa.ablate(model, "enc.layers.0.self_attn", (X, y), 2)
-
-
 def tiny_vit():
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,

@@ -19,6 +19,7 @@ from .result import AblationResult
 from .selection import select_weights
 from . import structured
 from .sweep import sweep
+from .twins import IN_PROJ, in_proj_view
 from .verify import self_check
 
 METRICS = ("loss", "kl", "flips")
@@ -126,7 +127,9 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             counts as one prediction (weightablate.tokens; README "Transformers"). Used in eval mode; its modes are
             restored and its weights are never changed (bit-identical after the call).
         layer: dotted name (``"classifier.4"``) or the module itself: any ``nn.Linear`` or ``nn.Conv2d``
-            (grouped and depthwise included) anywhere in the model.
+            (grouped and depthwise included) anywhere in the model, or an ``nn.MultiheadAttention``
+            (self-attention, batch_first): its packed ``in_proj_weight`` (3E x E, rows q, k, v) or
+            ``in_proj_bias``; ``res.param`` is then "in_proj_weight" or "in_proj_bias".
         data: a DataLoader, any iterable of ``(inputs, labels)`` batches, or a tuple ``(X, y)``.
         weights: None (every entry), an int K (K distinct entries drawn uniformly with ``seed``), a 1-D
             integer tensor of flat indices into ``layer.weight`` (or ``layer.bias``), or a pair
@@ -152,7 +155,8 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
             batch (capture, then scoring), so memory does not grow with the dataset's length:
             only one batch, its captures and one chunk of scratch are held at a time.
         progress: None = a bar when stdout and stderr are terminals; True/False force it.
-        param: "weight" or "bias": which parameter of ``layer`` the indices refer to.
+        param: "weight" or "bias": which parameter of ``layer`` the indices refer to (of an
+            nn.MultiheadAttention: its in_proj_weight or in_proj_bias; those names are accepted too).
         method: "auto" (the fastest that fits, below) or one of "closed_form", "funnel", "replay" to
             force it (a ValueError says why when it does not apply). Ignored by backend="naive".
         checkpoint_dir: a directory where the running sums are saved (atomically, with checksums
@@ -216,6 +220,15 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
     """
     started = time.perf_counter()
     name, target, weights, param = _check_target(model, layer, weights, param, structure, method)
+    if isinstance(target, nn.MultiheadAttention):  # its packed in-projection, as an nn.Linear while this runs
+        with in_proj_view(target):
+            res = ablate(model, f"{name}.{IN_PROJ}" if name else IN_PROJ, data, weights, metrics=metrics,
+                         backend=backend, mode=mode, precision=precision, device=device, batch_size=batch_size,
+                         seed=seed, by_class=by_class, max_memory=max_memory, progress=progress, param=param,
+                         method=method, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         verify=verify, structure=structure)
+        res.layer, res.param = name, f"in_proj_{param}"
+        return res
     metrics = _check_options(metrics, mode, seed)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -308,12 +321,8 @@ def _check_target(model, layer, weights, param, structure, method):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, target = _resolve_layer(model, layer)
     if isinstance(target, nn.MultiheadAttention):
-        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: its output projection {name + '.out_proj'!r} "
-                        "is an nn.Linear that can be ablated; its packed in_proj_weight (q, k, v) cannot, it is used "
-                        "inside torch's fused attention function; to ablate q/k/v weights write the attention with "
-                        "nn.Linear layers for q, k and v (or one fused qkv nn.Linear) and "
-                        "F.scaled_dot_product_attention: replay follows them exactly")
-    if not isinstance(target, TARGETS):
+        param = _check_mha(name, target, param, structure)
+    elif not isinstance(target, TARGETS):
         raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
                         "layers can be ablated")
     if structure not in structured.STRUCTURES:
@@ -329,9 +338,39 @@ def _check_target(model, layer, weights, param, structure, method):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
-    if param == "bias" and target.bias is None:
+    if isinstance(target, nn.MultiheadAttention):
+        _check_in_proj(name, target, param)
+    elif param == "bias" and target.bias is None:
         raise ValueError(f"param='bias' but layer {name!r} has no bias")
     return name, target, weights, param
+
+
+MHA_PARAMS = {"weight": "weight", "bias": "bias", "in_proj_weight": "weight", "in_proj_bias": "bias"}
+
+
+def _check_mha(name, mha: nn.MultiheadAttention, param, structure) -> str:
+    """An nn.MultiheadAttention target: its packed in_proj_weight (param "weight") or in_proj_bias
+    ("bias"); a ValueError naming what it cannot be. Returns param as "weight" or "bias"."""
+    if not mha._qkv_same_embed_dim:
+        raise ValueError(f"layer {name!r} is an nn.MultiheadAttention with kdim/vdim other than embed_dim: its q, k "
+                         "and v projections are separate parameters (q_proj_weight, k_proj_weight, v_proj_weight), "
+                         "not a packed in_proj_weight, and cannot be targets; its out_proj is an nn.Linear target, "
+                         "or write the attention with nn.Linear q, k, v layers and F.scaled_dot_product_attention")
+    if structure != "weight":
+        raise ValueError(f"structure={structure!r}: layer {name!r} is an nn.MultiheadAttention, whose packed "
+                         "in_proj_weight is ablated one entry at a time only (structure='weight')")
+    if param not in MHA_PARAMS:
+        raise ValueError(f"param must be one of {tuple(MHA_PARAMS)} for an nn.MultiheadAttention, got {param!r}")
+    return MHA_PARAMS[param]
+
+
+def _check_in_proj(name, mha: nn.MultiheadAttention, param: str) -> None:
+    if param == "bias" and mha.in_proj_bias is None:
+        raise ValueError(f"param='bias' but layer {name!r} has no in_proj_bias (built with bias=False)")
+    if not all(isinstance(t, nn.Parameter) for t in (mha.in_proj_weight, mha.in_proj_bias) if t is not None):
+        raise ValueError(f"layer {name!r}: its in_proj_weight or in_proj_bias is computed (torch.nn.utils.prune, a "
+                         "parametrization), not a Parameter, which weightablate cannot zero one entry of; remove "
+                         "that on a copy first")
 
 
 def _checkpoint(directory, every, model, layer: str, local, options: dict) -> Checkpoint:

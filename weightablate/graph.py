@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .dataflow import SKIP_FRAMES, check_dataflow, where
-from .twins import twin
+from .twins import Refused, twin
 
 # Nodes whose value is metadata of a tensor (its shape), not a function of its values: they do
 # not carry a change of the target's output.
@@ -120,7 +120,12 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if not self.is_leaf_module(m, self.path_of_module(m)):
-            forward = twin(m) or forward  # a torch.nn forward fx cannot trace (weightablate.twins)
+            mine = twin(m)  # a torch.nn forward fx cannot trace (weightablate.twins)
+            if mine is not None and (m._forward_hooks or m._forward_pre_hooks):
+                raise Refused(f"module {self.path_of_module(m)!r} ({type(m).__name__}) holds the target and has a "
+                              "forward hook, which its traced twin does not run (a hook can change what it "
+                              "computes); remove it during ablate (handle.remove()), or use backend='naive'")
+            forward = mine or forward
         return super().call_module(m, forward, args, kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -155,6 +160,8 @@ def trace(model: nn.Module, name: str, target: nn.Module | None, param: str, x: 
     tracer = _Tracer(target)
     try:
         graph = tracer.trace(model)
+    except Refused as exc:  # a twin's own message: it names the construct and a workaround
+        raise ValueError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "not traceable"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"model: torch.fx cannot trace its forward{_where(exc)} ({type(exc).__name__}: {msg}); "

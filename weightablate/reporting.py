@@ -706,7 +706,7 @@ def _criteria_scores(result, given, model, layer, data, batch_size, out, notes=N
     if given is not None:
         scores = {k: _pick(v, result) for k, v in given.items()}
         source, skipped = (notes or {}).get("source", "given"), dict((notes or {}).get("skipped") or {})
-    elif model is not None and data is not None and result.param == "bias":
+    elif model is not None and data is not None and result.param.endswith("bias"):
         skipped = {name: "bias entries: the data-dependent criteria score weights" for name in crit.NAMES
                    if name not in ("magnitude", "squared")}
         source = "the bias values only (|b| and b^2)"

@@ -49,7 +49,8 @@ class AblationResult:
     layer: str = ""
     layer_shape: tuple[int, int] = (0, 0)  # the 2-D view rows/cols index: (out units, entries per unit)
     weight_shape: tuple = ()  # the parameter's own shape, e.g. (out, in, kh, kw) for a Conv2d; () = unknown
-    param: str = "weight"  # which parameter the indices refer to: "weight" or "bias" (rows = entry, cols = 0)
+    param: str = "weight"  # which parameter the indices refer to: "weight" or "bias" (rows = entry, cols = 0);
+    # "in_proj_weight"/"in_proj_bias" for an nn.MultiheadAttention layer
     method: str = ""  # which exact path ran: "logits", "piecewise", "elementwise", "funnel", "replay" or "naive"
     head: str = ""  # what the method saw after the layer
     backend: str = ""
@@ -79,7 +80,7 @@ class AblationResult:
         if self.structure != "weight":  # whole units: the index is the unit
             return {"in" if self.structure == "in" else "out": self.indices.numpy().astype(np.int64)}
         shape = tuple(self.weight_shape) or tuple(self.layer_shape)
-        if self.param == "bias":
+        if self.param.endswith("bias"):
             shape = shape[:1]
         names = ("out", "in", "kh", "kw")[:len(shape)] if len(shape) <= 4 else [f"d{k}" for k in range(len(shape))]
         idx = np.unravel_index(self.indices.numpy(), shape)
@@ -168,8 +169,8 @@ def _checked(meta, arrays) -> AblationResult:
         meta[key] = tuple(v)
     if meta.get("structure", "weight") not in ("weight", "out", "branch", "in"):
         raise ValueError(f"structure must be 'weight', 'out', 'branch' or 'in', got {meta['structure']!r}")
-    if meta.get("param", "weight") not in ("weight", "bias"):
-        raise ValueError(f"param must be 'weight' or 'bias', got {meta['param']!r}")
+    if meta.get("param", "weight") not in ("weight", "bias", "in_proj_weight", "in_proj_bias"):
+        raise ValueError(f"param must be 'weight', 'bias', 'in_proj_weight' or 'in_proj_bias', got {meta['param']!r}")
     missing = [name for name in _REQUIRED if name not in arrays]
     if missing:
         raise ValueError(f"missing arrays {missing}")

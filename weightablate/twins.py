@@ -8,8 +8,15 @@ below instead: torch's plain path, the same function of the inputs.
 nn.MultiheadAttention is a leaf (replay runs it as a module on the changed inputs, in float64)
 unless its out_proj is the target: then it is traced as two nodes, the attention context (one call
 of torch's own multi_head_attention_forward with an identity output projection, which is exact:
-one product by 1 and zeros per entry) and out_proj called as the nn.Linear it is."""
+one product by 1 and zeros per entry) and out_proj called as the nn.Linear it is.
+
+Its packed in-projection (in_proj_weight, in_proj_bias) is made a target by ``in_proj_view``: while
+``ablate`` runs, an nn.Linear whose weight and bias ARE the module's own Parameters is its
+submodule ``in_proj``, and the twin computes ``qkv = in_proj(x)`` (torch's packed self-attention
+projection), then the context with identity q/k/v projections (exact, as above), then out_proj."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.fx
@@ -46,13 +53,47 @@ def _encoder(self: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=N
     return output
 
 
+class Refused(ValueError):
+    """A construct a twin cannot follow: trace() passes its message on as it is."""
+
+
+IN_PROJ = "in_proj"  # the name of the in-projection view while it is installed
+
+
+class InProj(nn.Linear):
+    """nn.MultiheadAttention's packed in-projection as an nn.Linear (3E x E): its weight and bias are
+    the attention's own in_proj_weight and in_proj_bias Parameters (the same objects)."""
+
+
+@contextlib.contextmanager
+def in_proj_view(mha: nn.MultiheadAttention):
+    """Install ``mha.in_proj`` (an InProj sharing mha's Parameters) for the duration; always removed,
+    so the model's modules, parameters and state_dict are as before."""
+    if hasattr(mha, IN_PROJ):
+        raise ValueError(f"layer: this nn.MultiheadAttention already has an attribute {IN_PROJ!r}; weightablate "
+                         "needs that name for its in-projection while it ablates in_proj_weight")
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    view = InProj(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    view.weight = weight
+    if bias is not None:
+        view.bias = bias
+    mha.add_module(IN_PROJ, view)
+    try:
+        yield view
+    finally:
+        del mha._modules[IN_PROJ]
+
+
 def mha_context(query, key, value, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight,
                 bias_k, bias_v, num_heads: int, add_zero_attn: bool, key_padding_mask, need_weights: bool,
                 attn_mask, average_attn_weights: bool, is_causal: bool):
     """nn.MultiheadAttention (batch_first, eval) up to its output projection: the context (N, T, E)
-    and the attention weights (or None), by torch's own function."""
+    and the attention weights (or None), by torch's own function. No in_proj_weight and no
+    q_proj_weight: query, key and value are projected already (identity in-projections, exact)."""
     E = query.shape[-1]
     eye = torch.eye(E, dtype=query.dtype, device=query.device)
+    if in_proj_weight is None and q_proj_weight is None:
+        q_proj_weight = k_proj_weight = v_proj_weight = eye
     q, k, v = (t.transpose(1, 0) for t in (query, key, value))
     ctx, weights = F.multi_head_attention_forward(
         q, k, v, E, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn, 0.0, eye, None,
@@ -67,14 +108,30 @@ torch.fx.wrap("mha_context")  # one graph node: its mask handling branches on te
 
 def _mha(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
          average_attn_weights=True, is_causal=False):
+    view = self._modules.get(IN_PROJ)
+    view = view if isinstance(view, InProj) else None
+    what = "in_proj_weight" if view is not None else "out_proj"
     if not self.batch_first:
-        raise ValueError("model: an nn.MultiheadAttention whose out_proj is the target has batch_first=False: the "
-                         "batch is not the first axis of its inputs, which replay needs; build it with "
-                         "batch_first=True")
-    ctx, weights = mha_context(query, key, value, self.in_proj_weight, self.in_proj_bias, self.q_proj_weight,
-                               self.k_proj_weight, self.v_proj_weight, self.bias_k, self.bias_v, self.num_heads,
-                               self.add_zero_attn, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                               is_causal)
+        raise Refused(f"model: an nn.MultiheadAttention whose {what} is the target has batch_first=False: the "
+                      "batch is not the first axis of its inputs, which replay needs; build it with "
+                      "batch_first=True")
+    if view is None:
+        ctx, weights = mha_context(query, key, value, self.in_proj_weight, self.in_proj_bias, self.q_proj_weight,
+                                   self.k_proj_weight, self.v_proj_weight, self.bias_k, self.bias_v, self.num_heads,
+                                   self.add_zero_attn, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        return self.out_proj(ctx), weights
+    if not (query is key and key is value):
+        raise Refused("model: an nn.MultiheadAttention whose in_proj_weight is the target is called with a query "
+                      "that is not its key and value (cross-attention): the packed weight's q rows then act on "
+                      "other inputs than its k and v rows, which weightablate does not follow; write the "
+                      "attention with nn.Linear q, k, v projections and F.scaled_dot_product_attention, or use "
+                      "backend='naive'")
+    E = self.embed_dim
+    qkv = view(query)  # torch's packed self-attention projection: one Linear, then q, k, v
+    ctx, weights = mha_context(qkv[:, :, :E], qkv[:, :, E:2 * E], qkv[:, :, 2 * E:], None, None, None, None, None,
+                               self.bias_k, self.bias_v, self.num_heads, self.add_zero_attn, key_padding_mask,
+                               need_weights, attn_mask, average_attn_weights, is_causal)
     return self.out_proj(ctx), weights
 
 
