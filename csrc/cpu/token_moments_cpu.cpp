@@ -1,0 +1,218 @@
+// The LayerNorm closed form's moment path on the CPU: per (pair k, token t), the truncated mixed-moment series
+// of the log-partition change -> (dCE, KL), its truncation certificate and flip test -> undecided. The math and
+// the reference (same operations, same order) are weightablate/token_moments.py (score_pairs_reference).
+#pragma GCC optimize("fp-contract=off")  // the reference's roundings: no fused multiply-adds
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "clones.h"
+
+namespace weightablate {
+namespace {
+
+constexpr int kOrder = 6;                           // token_moments.ORDER
+constexpr int kMoments = kOrder * (kOrder + 3) / 2;  // mixed moments of order 1..kOrder: 27
+constexpr double kLogSeriesMax = 6.5e-3;            // token_moments.LOG_SERIES_MAX
+constexpr double kMaxX = 0.5;                       // beyond: the exact form
+constexpr int64_t kTile = 512;                      // tokens per pass: a unit's moment tile stays in L2
+constexpr double kFact = 720.0, kFact1 = 5040.0;    // D!, (D + 1)!
+
+// _PAIRS' order: order n = 1..D, r = 0..n, s = n - r.
+struct Pairs {
+  int r[kMoments], s[kMoments];
+  constexpr Pairs() : r(), s() {
+    int i = 0;
+    for (int n = 1; n <= kOrder; ++n)
+      for (int a = 0; a <= n; ++a) r[i] = a, s[i] = n - a, ++i;
+  }
+};
+constexpr Pairs kPairs{};
+
+// exp(x) on [0, 1/2] (the only x whose bound is used): Taylor to degree 17, within an ulp or two of exp
+// (the truncation is below 1e-19 relative); vectorises where a call to exp would not.
+WA_INLINE double exp_small(double x) {
+  constexpr double c[18] = {1.0,
+                            1.0,
+                            1.0 / 2,
+                            1.0 / 6,
+                            1.0 / 24,
+                            1.0 / 120,
+                            1.0 / 720,
+                            1.0 / 5040,
+                            1.0 / 40320,
+                            1.0 / 362880,
+                            1.0 / 3628800,
+                            1.0 / 39916800,
+                            1.0 / 479001600,
+                            1.0 / 6227020800.0,
+                            1.0 / 87178291200.0,
+                            1.0 / 1307674368000.0,
+                            1.0 / 20922789888000.0,
+                            1.0 / 355687428096000.0};
+  double p = c[17];
+  for (int n = 16; n >= 0; --n) p = p * x + c[n];
+  return p;
+}
+
+struct Args {
+  const double *alpha, *beta;  // (K, M)
+  const int64_t* slot;         // (K,)
+  const double* mom;           // (U, kMoments, M)
+  const double *gap_a, *a_max, *q, *margin, *logit_abs, *A_abs;  // (M,)
+  const double* gap_b;                                           // (U, M)
+  const double *range, *uabs;                                    // (U,)
+  int64_t K, M;
+  double round_coef, certify, flip_scale;  // (V + 2D + 4) 4.4e-16 2^D; CERTIFY; 4 flip_eps
+  bool flips;
+  double *dce, *kl;
+  uint8_t* undecided;
+};
+
+// One (pair, token): the reference's operations in its order. kLog: log1p(s) - s for |s| above the series'
+// range (the vector pass leaves those to a scalar pass and returns true).
+template <bool kLog>
+WA_INLINE bool entry(const Args& a, const double* mu, const double* gb, double rng, double uab, int64_t k, int64_t t) {
+  const int64_t e = k * a.M + t;
+  const double al = a.alpha[e], be = a.beta[e];
+  double ap[kOrder + 1], bp[kOrder + 1];
+  ap[0] = bp[0] = 1.0;
+  for (int n = 1; n <= kOrder; ++n) {
+    ap[n] = ap[n - 1] * al / n;  // alpha^n / n!
+    bp[n] = bp[n - 1] * be / n;
+  }
+  const double s1 = al * mu[1 * a.M + t] + be * mu[0 * a.M + t];  // (1, 0) is _PAIRS[1], (0, 1) _PAIRS[0]
+  double s2 = 0.0, top = 0.0;
+  for (int i = 2; i < kMoments; ++i) {
+    const double term = ap[kPairs.r[i]] * bp[kPairs.s[i]] * mu[i * a.M + t];
+    s2 = s2 + term;
+    if (kPairs.r[i] + kPairs.s[i] == kOrder) top = top + term;
+  }
+  const double s = s1 + s2;
+  double series = 0.0;  // sum_{k=2..9} (-1)^(k+1) s^k / k, by Horner
+  for (int n = 9; n > 1; --n) series = (series + ((n + 1) % 2 == 0 ? 1.0 : -1.0) / n) * s;
+  series = series * s;
+  const bool small = std::fabs(s) <= kLogSeriesMax;
+  double lm = series;
+  if (kLog) lm = small ? series : std::log1p(s) - s;
+  const double kl = s2 + lm;
+  const double dce = kl + al * a.gap_a[t] + be * gb[t];
+  const double x = std::fabs(al) * a.a_max[t] + std::fabs(be) * rng;
+  const double x2 = x * x, x6 = x2 * x2 * x2;
+  const double qx = a.q[t] * x6;
+  const double mD = (top < 0.0 ? 0.0 : top) * kFact + a.round_coef * a.q[t] * x6;  // NaN stays NaN, as clamp_min
+  const double lo = std::isnan(qx) ? qx : (mD < qx ? mD : qx);                    // torch.minimum: NaN wins
+  const double bound = lo * x * exp_small(x) / kFact1;
+  bool und = (x > kMaxX) | (bound > a.certify * kl);
+  if (a.flips) {
+    const double size = a.logit_abs[t] + std::fabs(al) * a.A_abs[t] + std::fabs(be) * uab;
+    const double safe = a.margin[t] - a.flip_scale * size;
+    und = und | (x >= safe);
+  }
+  a.dce[e] = dce;
+  a.kl[e] = kl;
+  a.undecided[e] = und;
+  return !kLog && !small;
+}
+
+WA_CLONES void score_rows(const Args& a, int64_t kb, int64_t ke) {
+  uint8_t need[kTile];
+  for (int64_t t0 = 0; t0 < a.M; t0 += kTile) {
+    const int64_t t1 = std::min(a.M, t0 + kTile), n = t1 - t0;
+    for (int64_t k = kb; k < ke; ++k) {
+      const int64_t u = a.slot[k];
+      const double* mu = a.mom + u * kMoments * a.M;
+      const double* gb = a.gap_b + u * a.M;
+      const double rng = a.range[u], uab = a.uabs[u];
+      int any = 0;
+#pragma omp simd reduction(| : any)
+      for (int64_t i = 0; i < n; ++i) {
+        const bool big = entry<false>(a, mu, gb, rng, uab, k, t0 + i);
+        need[i] = big;
+        any |= big;
+      }
+      if (any) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (need[i]) entry<true>(a, mu, gb, rng, uab, k, t0 + i);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_moment_scores_cpu(
+    const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& slot, const at::Tensor& moments,
+    const at::Tensor& gap_a, const at::Tensor& gap_b, const at::Tensor& a_max, const at::Tensor& q,
+    const at::Tensor& margin, const at::Tensor& logit_abs, const at::Tensor& A_abs, const at::Tensor& unit_range,
+    const at::Tensor& unit_abs, int64_t n_vocab, double certify, double flip_eps, bool flips) {
+  const char* op = "token_moment_scores: ";
+  TORCH_CHECK(alpha.dim() == 2 && beta.sizes() == alpha.sizes(), op, "alpha and beta must be (K, M)");
+  const int64_t K = alpha.size(0), M = alpha.size(1);
+  TORCH_CHECK(slot.dim() == 1 && slot.size(0) == K && slot.scalar_type() == at::kLong, op, "slot must be int64 (K,)");
+  TORCH_CHECK(moments.dim() == 3 && moments.size(1) == kMoments && moments.size(2) == M, op,
+              "moments must be (U, ", kMoments, ", M): the mixed moments of order 1..", kOrder);
+  const int64_t U = moments.size(0);
+  TORCH_CHECK(gap_b.dim() == 2 && gap_b.size(0) == U && gap_b.size(1) == M, op, "gap_b must be (U, M)");
+  for (const auto* v : {&gap_a, &a_max, &q, &margin, &logit_abs, &A_abs}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == M, op, "the per-token tensors must be (M,)");
+  }
+  for (const auto* v : {&unit_range, &unit_abs}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == U, op, "range and abs must be (U,)");
+  }
+  for (const auto* v : {&alpha, &beta, &moments, &gap_a, &gap_b, &a_max, &q, &margin, &logit_abs, &A_abs,
+                        &unit_range, &unit_abs}) {
+    TORCH_CHECK(v->scalar_type() == at::kDouble, op, "every tensor but slot must be float64");
+    TORCH_CHECK(v->device().is_cpu(), op, "every tensor must be on the CPU");
+  }
+  TORCH_CHECK(slot.device().is_cpu(), op, "every tensor must be on the CPU");
+  auto dce = at::empty({K, M}, alpha.options());
+  auto kl = at::empty({K, M}, alpha.options());
+  auto undecided = at::empty({K, M}, alpha.options().dtype(at::kBool));
+  if (K == 0 || M == 0) return {dce, kl, undecided};
+  auto slot_c = slot.contiguous();
+  if (K > 0) {
+    TORCH_CHECK(slot_c.min().item<int64_t>() >= 0 && slot_c.max().item<int64_t>() < U, op, "slot out of range");
+  }
+  auto al = alpha.contiguous(), be = beta.contiguous(), mo = moments.contiguous(), gb = gap_b.contiguous();
+  auto ga = gap_a.contiguous(), am = a_max.contiguous(), qc = q.contiguous(), mg = margin.contiguous();
+  auto la = logit_abs.contiguous(), Aa = A_abs.contiguous(), rg = unit_range.contiguous(), ua = unit_abs.contiguous();
+  Args a;
+  a.alpha = al.data_ptr<double>();
+  a.beta = be.data_ptr<double>();
+  a.slot = slot_c.data_ptr<int64_t>();
+  a.mom = mo.data_ptr<double>();
+  a.gap_a = ga.data_ptr<double>();
+  a.a_max = am.data_ptr<double>();
+  a.q = qc.data_ptr<double>();
+  a.margin = mg.data_ptr<double>();
+  a.logit_abs = la.data_ptr<double>();
+  a.A_abs = Aa.data_ptr<double>();
+  a.gap_b = gb.data_ptr<double>();
+  a.range = rg.data_ptr<double>();
+  a.uabs = ua.data_ptr<double>();
+  a.K = K;
+  a.M = M;
+  a.round_coef = static_cast<double>(n_vocab + 2 * kOrder + 4) * 4.4e-16 * double(1 << kOrder);  // as Python
+  a.certify = certify;
+  a.flip_scale = 4 * flip_eps;
+  a.flips = flips;
+  a.dce = dce.data_ptr<double>();
+  a.kl = kl.data_ptr<double>();
+  a.undecided = reinterpret_cast<uint8_t*>(undecided.data_ptr<bool>());
+  const int64_t grain = std::max<int64_t>(1, 8192 / M);
+  at::parallel_for(0, K, grain, [&](int64_t b, int64_t e) { score_rows(a, b, e); });
+  return {dce, kl, undecided};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightablate, CPU, m) { m.impl("token_moment_scores", &token_moment_scores_cpu); }
+
+}  // namespace weightablate
