@@ -25,41 +25,27 @@ constexpr double kMaxX = 0.5;                       // beyond: the exact form
 constexpr int64_t kTile = 512;                      // tokens per pass: a unit's moment tile stays in L2
 constexpr double kFact = 720.0, kFact1 = 5040.0;    // D!, (D + 1)!
 
-// _PAIRS' order: order n = 1..D, r = 0..n, s = n - r.
-struct Pairs {
-  int r[kMoments], s[kMoments];
-  constexpr Pairs() : r(), s() {
-    int i = 0;
-    for (int n = 1; n <= kOrder; ++n)
-      for (int a = 0; a <= n; ++a) r[i] = a, s[i] = n - a, ++i;
-  }
-};
-constexpr Pairs kPairs{};
-
 // exp(x) on [0, 1/2] (the only x whose bound is used): Taylor to degree 17, within an ulp or two of exp
 // (the truncation is below 1e-19 relative); vectorises where a call to exp would not.
 WA_INLINE double exp_small(double x) {
-  constexpr double c[18] = {1.0,
-                            1.0,
-                            1.0 / 2,
-                            1.0 / 6,
-                            1.0 / 24,
-                            1.0 / 120,
-                            1.0 / 720,
-                            1.0 / 5040,
-                            1.0 / 40320,
-                            1.0 / 362880,
-                            1.0 / 3628800,
-                            1.0 / 39916800,
-                            1.0 / 479001600,
-                            1.0 / 6227020800.0,
-                            1.0 / 87178291200.0,
-                            1.0 / 1307674368000.0,
-                            1.0 / 20922789888000.0,
-                            1.0 / 355687428096000.0};
-  double p = c[17];
-  for (int n = 16; n >= 0; --n) p = p * x + c[n];
-  return p;
+  double p = 1.0 / 355687428096000.0;  // 1/17!
+  p = p * x + 1.0 / 20922789888000.0;
+  p = p * x + 1.0 / 1307674368000.0;
+  p = p * x + 1.0 / 87178291200.0;
+  p = p * x + 1.0 / 6227020800.0;
+  p = p * x + 1.0 / 479001600;
+  p = p * x + 1.0 / 39916800;
+  p = p * x + 1.0 / 3628800;
+  p = p * x + 1.0 / 362880;
+  p = p * x + 1.0 / 40320;
+  p = p * x + 1.0 / 5040;
+  p = p * x + 1.0 / 720;
+  p = p * x + 1.0 / 120;
+  p = p * x + 1.0 / 24;
+  p = p * x + 1.0 / 6;
+  p = p * x + 1.0 / 2;
+  p = p * x + 1.0;
+  return p * x + 1.0;
 }
 
 struct Args {
@@ -76,74 +62,107 @@ struct Args {
   uint8_t* undecided;
 };
 
-// One (pair, token): the reference's operations in its order. kLog: log1p(s) - s for |s| above the series'
-// range (the vector pass leaves those to a scalar pass and returns true).
-template <bool kLog>
-WA_INLINE bool entry(const Args& a, const double* mu, const double* gb, double rng, double uab, int64_t k, int64_t t) {
-  const int64_t e = k * a.M + t;
-  const double al = a.alpha[e], be = a.beta[e];
-  double ap[kOrder + 1], bp[kOrder + 1];
-  ap[0] = bp[0] = 1.0;
-  for (int n = 1; n <= kOrder; ++n) {
-    ap[n] = ap[n - 1] * al / n;  // alpha^n / n!
-    bp[n] = bp[n - 1] * be / n;
-  }
-  const double s1 = al * mu[1 * a.M + t] + be * mu[0 * a.M + t];  // (1, 0) is _PAIRS[1], (0, 1) _PAIRS[0]
-  double s2 = 0.0, top = 0.0;
-  for (int i = 2; i < kMoments; ++i) {
-    const double term = ap[kPairs.r[i]] * bp[kPairs.s[i]] * mu[i * a.M + t];
-    s2 = s2 + term;
-    if (kPairs.r[i] + kPairs.s[i] == kOrder) top = top + term;
-  }
+struct Entry {
+  double dce, kl, und, s;  // und: 1 or 0; s = S, the series' argument of log1p
+};
+
+// One (pair, token): the reference's operations in its order (the moments in _PAIRS' order: order n = 1..D,
+// r = 0..n, s = n - r). kLog: log1p(S) - S by log1p beyond the series' range (the vector pass takes the series
+// everywhere; a scalar pass redoes the entries whose |S| is beyond it).
+template <bool kLog, bool kFlips>
+WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double rng, double uab, double al,
+                      double be, int64_t t) {
+  const int64_t M = a.M;
+  const double a1 = al, a2 = a1 * al / 2, a3 = a2 * al / 3, a4 = a3 * al / 4, a5 = a4 * al / 5, a6 = a5 * al / 6;
+  const double b1 = be, b2 = b1 * be / 2, b3 = b2 * be / 3, b4 = b3 * be / 4, b5 = b4 * be / 5, b6 = b5 * be / 6;
+  const double s1 = al * mu[1 * M + t] + be * mu[0 * M + t];  // (1, 0) is _PAIRS[1], (0, 1) _PAIRS[0]
+  double s2 = 0.0, top = 0.0, term;
+  // apow[0] = bpow[0] = 1: 1 * x is x exactly
+#define WA_TERM(i, ar, bs) term = (ar) * (bs) * mu[(i) * M + t], s2 = s2 + term
+#define WA_TOP(i, ar, bs) WA_TERM(i, ar, bs), top = top + term
+  WA_TERM(2, 1.0, b2); WA_TERM(3, a1, b1); WA_TERM(4, a2, 1.0);
+  WA_TERM(5, 1.0, b3); WA_TERM(6, a1, b2); WA_TERM(7, a2, b1); WA_TERM(8, a3, 1.0);
+  WA_TERM(9, 1.0, b4); WA_TERM(10, a1, b3); WA_TERM(11, a2, b2); WA_TERM(12, a3, b1); WA_TERM(13, a4, 1.0);
+  WA_TERM(14, 1.0, b5); WA_TERM(15, a1, b4); WA_TERM(16, a2, b3); WA_TERM(17, a3, b2); WA_TERM(18, a4, b1);
+  WA_TERM(19, a5, 1.0);
+  WA_TOP(20, 1.0, b6); WA_TOP(21, a1, b5); WA_TOP(22, a2, b4); WA_TOP(23, a3, b3); WA_TOP(24, a4, b2);
+  WA_TOP(25, a5, b1); WA_TOP(26, a6, 1.0);
+#undef WA_TOP
+#undef WA_TERM
   const double s = s1 + s2;
-  double series = 0.0;  // sum_{k=2..9} (-1)^(k+1) s^k / k, by Horner
-  for (int n = 9; n > 1; --n) series = (series + ((n + 1) % 2 == 0 ? 1.0 : -1.0) / n) * s;
+  double series = (0.0 + 1.0 / 9) * s;  // sum_{k=2..9} (-1)^(k+1) s^k / k, by Horner
+  series = (series + -1.0 / 8) * s;
+  series = (series + 1.0 / 7) * s;
+  series = (series + -1.0 / 6) * s;
+  series = (series + 1.0 / 5) * s;
+  series = (series + -1.0 / 4) * s;
+  series = (series + 1.0 / 3) * s;
+  series = (series + -1.0 / 2) * s;
   series = series * s;
-  const bool small = std::fabs(s) <= kLogSeriesMax;
   double lm = series;
-  if (kLog) lm = small ? series : std::log1p(s) - s;
+  if (kLog) lm = std::fabs(s) <= kLogSeriesMax ? series : std::log1p(s) - s;
   const double kl = s2 + lm;
   const double dce = kl + al * a.gap_a[t] + be * gb[t];
   const double x = std::fabs(al) * a.a_max[t] + std::fabs(be) * rng;
   const double x2 = x * x, x6 = x2 * x2 * x2;
   const double qx = a.q[t] * x6;
   const double mD = (top < 0.0 ? 0.0 : top) * kFact + a.round_coef * a.q[t] * x6;  // NaN stays NaN, as clamp_min
-  const double lo = std::isnan(qx) ? qx : (mD < qx ? mD : qx);                    // torch.minimum: NaN wins
+  const double lo = qx != qx ? qx : (mD < qx ? mD : qx);                          // torch.minimum: NaN wins
   const double bound = lo * x * exp_small(x) / kFact1;
-  bool und = (x > kMaxX) | (bound > a.certify * kl);
-  if (a.flips) {
+  double und = x > kMaxX ? 1.0 : (bound > a.certify * kl ? 1.0 : 0.0);
+  if (kFlips) {
     const double size = a.logit_abs[t] + std::fabs(al) * a.A_abs[t] + std::fabs(be) * uab;
     const double safe = a.margin[t] - a.flip_scale * size;
-    und = und | (x >= safe);
+    und = x >= safe ? 1.0 : und;
   }
-  a.dce[e] = dce;
-  a.kl[e] = kl;
-  a.undecided[e] = und;
-  return !kLog && !small;
+  return {dce, kl, und, s};
+}
+
+template <bool kFlips>
+WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
+  double und[kTile], sv[kTile];
+  const int64_t M = a.M;
+  for (int64_t t0 = 0; t0 < M; t0 += kTile) {
+    const int64_t n = std::min(M, t0 + kTile) - t0;
+    for (int64_t k = kb; k < ke; ++k) {
+      const int64_t u = a.slot[k];
+      const double* mu = a.mom + u * kMoments * M + t0;
+      const double* gb = a.gap_b + u * M + t0;
+      const double rng = a.range[u], uab = a.uabs[u];
+      const double* al = a.alpha + k * M + t0;
+      const double* be = a.beta + k * M + t0;
+      double* dce = a.dce + k * M + t0;
+      double* kl = a.kl + k * M + t0;
+      const Args at{a.alpha, a.beta, a.slot, a.mom, a.gap_a + t0, a.a_max + t0, a.q + t0, a.margin + t0,
+                    a.logit_abs + t0, a.A_abs + t0, a.gap_b, a.range, a.uabs, a.K, M, a.round_coef, a.certify,
+                    a.flip_scale, a.flips, a.dce, a.kl, a.undecided};
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const Entry e = entry<false, kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
+        dce[i] = e.dce;
+        kl[i] = e.kl;
+        und[i] = e.und;
+        sv[i] = e.s;
+      }
+      for (int64_t i = 0; i < n; ++i) {  // |S| beyond the log series: log1p (rare once the weights are small)
+        if (!(std::fabs(sv[i]) <= kLogSeriesMax)) {
+          const Entry e = entry<true, kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
+          dce[i] = e.dce;
+          kl[i] = e.kl;
+          und[i] = e.und;
+        }
+      }
+      uint8_t* out = a.undecided + k * M + t0;
+      for (int64_t i = 0; i < n; ++i) out[i] = und[i] != 0.0;
+    }
+  }
 }
 
 WA_CLONES void score_rows(const Args& a, int64_t kb, int64_t ke) {
-  uint8_t need[kTile];
-  for (int64_t t0 = 0; t0 < a.M; t0 += kTile) {
-    const int64_t t1 = std::min(a.M, t0 + kTile), n = t1 - t0;
-    for (int64_t k = kb; k < ke; ++k) {
-      const int64_t u = a.slot[k];
-      const double* mu = a.mom + u * kMoments * a.M;
-      const double* gb = a.gap_b + u * a.M;
-      const double rng = a.range[u], uab = a.uabs[u];
-      int any = 0;
-#pragma omp simd reduction(| : any)
-      for (int64_t i = 0; i < n; ++i) {
-        const bool big = entry<false>(a, mu, gb, rng, uab, k, t0 + i);
-        need[i] = big;
-        any |= big;
-      }
-      if (any) {
-        for (int64_t i = 0; i < n; ++i) {
-          if (need[i]) entry<true>(a, mu, gb, rng, uab, k, t0 + i);
-        }
-      }
-    }
+  if (a.flips) {
+    score_rows_impl<true>(a, kb, ke);
+  } else {
+    score_rows_impl<false>(a, kb, ke);
   }
 }
 
