@@ -63,13 +63,14 @@ struct Args {
 };
 
 struct Entry {
-  double dce, kl, und, s;  // und: 1 or 0; s = S, the series' argument of log1p
+  double dce, kl, und;  // und: 1 or 0
+  double s, s2, bound, und_x;  // for the log1p pass: S, S_2, the truncation bound, x's own tests (1 or 0)
 };
 
 // One (pair, token): the reference's operations in its order (the moments in _PAIRS' order: order n = 1..D,
-// r = 0..n, s = n - r). kLog: log1p(S) - S by log1p beyond the series' range (the vector pass takes the series
-// everywhere; a scalar pass redoes the entries whose |S| is beyond it).
-template <bool kLog, bool kFlips>
+// r = 0..n, s = n - r). log1p(S) - S by its series throughout: finish_log redoes the entries whose |S| is
+// beyond the series' range.
+template <bool kFlips>
 WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double rng, double uab, double al,
                       double be, int64_t t) {
   const int64_t M = a.M;
@@ -99,9 +100,7 @@ WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double 
   series = (series + 1.0 / 3) * s;
   series = (series + -1.0 / 2) * s;
   series = series * s;
-  double lm = series;
-  if (kLog) lm = std::fabs(s) <= kLogSeriesMax ? series : std::log1p(s) - s;
-  const double kl = s2 + lm;
+  const double kl = s2 + series;
   const double dce = kl + al * a.gap_a[t] + be * gb[t];
   const double x = std::fabs(al) * a.a_max[t] + std::fabs(be) * rng;
   const double x2 = x * x, x6 = x2 * x2 * x2;
@@ -109,21 +108,23 @@ WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double 
   const double mD = (top < 0.0 ? 0.0 : top) * kFact + a.round_coef * a.q[t] * x6;  // NaN stays NaN, as clamp_min
   const double lo = qx != qx ? qx : (mD < qx ? mD : qx);                          // torch.minimum: NaN wins
   const double bound = lo * x * exp_small(x) / kFact1;
-  double und = x > kMaxX ? 1.0 : (bound > a.certify * kl ? 1.0 : 0.0);
+  double und_x = x > kMaxX ? 1.0 : 0.0;
   if (kFlips) {
     const double size = a.logit_abs[t] + std::fabs(al) * a.A_abs[t] + std::fabs(be) * uab;
     const double safe = a.margin[t] - a.flip_scale * size;
-    und = x >= safe ? 1.0 : und;
+    und_x = x >= safe ? 1.0 : und_x;
   }
-  return {dce, kl, und, s};
+  const double und = und_x != 0.0 ? 1.0 : (bound > a.certify * kl ? 1.0 : 0.0);
+  return {dce, kl, und, s, s2, bound, und_x};
 }
 
 template <bool kFlips>
 WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
-  double und[kTile], sv[kTile];
+  double und[kTile], sv[kTile], s2v[kTile], bv[kTile], uxv[kTile];
   const int64_t M = a.M;
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
     const int64_t n = std::min(M, t0 + kTile) - t0;
+    const double *ga = a.gap_a + t0;
     for (int64_t k = kb; k < ke; ++k) {
       const int64_t u = a.slot[k];
       const double* mu = a.mom + u * kMoments * M + t0;
@@ -133,23 +134,27 @@ WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
       const double* be = a.beta + k * M + t0;
       double* dce = a.dce + k * M + t0;
       double* kl = a.kl + k * M + t0;
-      const Args at{a.alpha, a.beta, a.slot, a.mom, a.gap_a + t0, a.a_max + t0, a.q + t0, a.margin + t0,
+      const Args at{a.alpha, a.beta, a.slot, a.mom, ga, a.a_max + t0, a.q + t0, a.margin + t0,
                     a.logit_abs + t0, a.A_abs + t0, a.gap_b, a.range, a.uabs, a.K, M, a.round_coef, a.certify,
                     a.flip_scale, a.flips, a.dce, a.kl, a.undecided};
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const Entry e = entry<false, kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
+        const Entry e = entry<kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
         dce[i] = e.dce;
         kl[i] = e.kl;
         und[i] = e.und;
         sv[i] = e.s;
+        s2v[i] = e.s2;
+        bv[i] = e.bound;
+        uxv[i] = e.und_x;
       }
-      for (int64_t i = 0; i < n; ++i) {  // |S| beyond the log series: log1p (rare once the weights are small)
-        if (!(std::fabs(sv[i]) <= kLogSeriesMax)) {
-          const Entry e = entry<true, kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
-          dce[i] = e.dce;
-          kl[i] = e.kl;
-          und[i] = e.und;
+      for (int64_t i = 0; i < n; ++i) {  // |S| beyond the log series: log1p(S) - S (log1p_minus)
+        const double s = sv[i];
+        if (!(std::fabs(s) <= kLogSeriesMax)) {
+          const double k_ = s2v[i] + (std::log1p(s) - s);
+          kl[i] = k_;
+          dce[i] = k_ + al[i] * ga[i] + be[i] * gb[i];
+          und[i] = uxv[i] != 0.0 ? 1.0 : (bv[i] > a.certify * k_ ? 1.0 : 0.0);
         }
       }
       uint8_t* out = a.undecided + k * M + t0;
