@@ -147,3 +147,10 @@ def test_backend_torch_takes_the_reference(monkeypatch):
     assert calls
     b = wa.ablate(model, "blocks.1.fc", (X, y), torch.arange(64), precision="float64")
     assert torch.allclose(a.delta_loss, b.delta_loss, rtol=1e-12, atol=1e-300)
+
+
+def test_opcheck():
+    alpha, beta, slot, ts, mom = _case(6, 50, 3, 7, 9, 1.0)
+    args = (alpha, beta, slot, mom["packed"], ts.gap_a, mom["gap_b"].t().contiguous(), ts.a_max, ts.q, ts.margin,
+            ts.logit_abs, ts.A_abs, mom["range"], mom["abs"], 7, 1e-10, 1e-7, True)
+    torch.library.opcheck(torch.ops.weightablate.token_moment_scores, args)
