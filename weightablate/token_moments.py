@@ -126,7 +126,8 @@ def has_kernel() -> bool:
     """Whether this build has the compiled CPU kernel of score_pairs (weightablate::token_moment_scores)."""
     from . import ops
 
-    return ORDER == KERNEL_ORDER and ops._has_kernel("token_moment_scores", "CPU")
+    return (ORDER == KERNEL_ORDER and ops._LOAD_ERROR is None and hasattr(torch.ops.weightablate, "token_moment_scores")
+            and ops._has_kernel("token_moment_scores", "CPU"))  # a library built before the op lacks it
 
 
 KERNEL_ORDER = 6  # the order the compiled kernel is written for
