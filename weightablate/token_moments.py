@@ -126,11 +126,12 @@ def has_kernel() -> bool:
     """Whether this build has the compiled CPU kernel of score_pairs (weightablate::token_moment_scores)."""
     from . import ops
 
-    return (ORDER == KERNEL_ORDER and ops._LOAD_ERROR is None and hasattr(torch.ops.weightablate, "token_moment_scores")
-            and ops._has_kernel("token_moment_scores", "CPU"))  # a library built before the op lacks it
+    return ((ORDER, LOG_SERIES_MAX) == KERNEL_CONSTANTS and ops._LOAD_ERROR is None
+            and hasattr(torch.ops.weightablate, "token_moment_scores")  # a library built before the op lacks it
+            and ops._has_kernel("token_moment_scores", "CPU"))
 
 
-KERNEL_ORDER = 6  # the order the compiled kernel is written for
+KERNEL_CONSTANTS = (6, 6.5e-3)  # the ORDER and LOG_SERIES_MAX the compiled kernel is written for
 
 
 def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool,
