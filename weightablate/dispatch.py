@@ -52,7 +52,8 @@ def choose_method(model: nn.Module, name: str, target: nn.Module, param: str, fl
                                      "(replay applies)") from None
                 reasons.append(f"the LayerNorm closed form: {exc}")
             else:
-                scorer = TokenClosedForm(graph, target, head, param, flat, want_flips, by_class, f" ({why})", mode)
+                scorer = TokenClosedForm(graph, target, head, param, flat, want_flips, by_class, f" ({why})", mode,
+                                         backend)
                 scorer.graph = graph
                 return scorer
         return Replay(graph, target, param, flat, want_flips, by_class,

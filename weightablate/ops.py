@@ -60,6 +60,13 @@ if _LOAD_ERROR is None:
             return (f, f.clone(), i, i.clone(), i.clone(), probs.new_empty(k, dtype=torch.bool), split, i.clone(),
                     i.clone())
 
+    if hasattr(torch.ops.weightablate, "token_moment_scores"):
+        @torch.library.register_fake("weightablate::token_moment_scores")
+        def _token_moment_scores_fake(alpha, beta, slot, moments, gap_a, gap_b, a_max, q, margin, logit_abs, A_abs,
+                                      unit_range, unit_abs, n_vocab, certify, flip_eps, flips):
+            return alpha.new_empty(alpha.shape), alpha.new_empty(alpha.shape), alpha.new_empty(alpha.shape,
+                                                                                               dtype=torch.bool)
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run on ``device``: "cpu", "cuda", "torch" or "naive"."""

@@ -134,11 +134,12 @@ class TokenClosedForm:
     hold, else (and with mode="exact") in O(vocabulary)."""
 
     def __init__(self, graph, target: nn.Linear, th: TokenHead, param: str, flat: torch.Tensor, want_flips: bool,
-                 by_class: bool, why: str, mode: str = "auto"):
+                 by_class: bool, why: str, mode: str = "auto", backend: str = "auto"):
         self.graph, self.target, self.th, self.param = graph, target, th, param
         self.flat = flat.to(target.weight.device)
         self.want_flips, self.by_class, self.why = want_flips, by_class, why
         self.moments_on = mode != "exact"
+        self.backend = backend  # "torch": score_pairs' PyTorch reference, else its compiled kernel where built
         self.tokens = True
         self.vals = None
         f64 = torch.float64
@@ -285,7 +286,7 @@ class TokenClosedForm:
         alpha, beta = self._scalars(d, self.pc_m[slot], self.var_m[slot])
         flip_dtype = self._flip_dtype()
         eps = torch.finfo(flip_dtype).eps
-        dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, eps, False)
+        dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, eps, False, self.backend)
         K, M = d.shape
         active = d != 0
         uncertified &= active

@@ -109,24 +109,53 @@ def unit_moments(ts: TokenStats, B: torch.Tensor) -> dict:
     neg = [torch.ones_like(w)]
     for _ in range(ORDER):
         neg.append(neg[-1] * -w)
+    # mu_rs as views (M, U) of one (U, len(_PAIRS), M) tensor: each unit's moments contiguous over the tokens,
+    # as the compiled kernel reads them
+    packed = torch.empty(U, len(_PAIRS), M, dtype=w.dtype, device=w.device)
     mu = {}
-    for r, s in _PAIRS:  # (b)^s = (Bc - w)^s = sum_j binom(s, j) Bc^j (-w)^(s - j)
+    for n, (r, s) in enumerate(_PAIRS):  # (b)^s = (Bc - w)^s = sum_j binom(s, j) Bc^j (-w)^(s - j)
+        mu[(r, s)] = packed[:, n].t()
         if s == 0:
-            mu[(r, s)] = ts.amom[r - 1][:, None].expand(M, U)
+            mu[(r, s)].copy_(ts.amom[r - 1][:, None].expand(M, U))
             continue
         base = ts.amom[r - 1][:, None] if r > 0 else ts.q[:, None]
         acc = base * neg[s]
         for j in range(1, s + 1):
             acc = acc + math.comb(s, j) * raw[(r, j)] * neg[s - j]
-        mu[(r, s)] = acc
-    gap_b = mu[(0, 1)] - (Bc.t()[ts.labels] - w)
-    return {"mu": mu, "gap_b": gap_b, "range": B.amax(1) - B.amin(1), "abs": B.abs().amax(1)}
+        mu[(r, s)].copy_(acc)
+    del raw
+    gap_b = (mu[(0, 1)] - (Bc.t()[ts.labels] - w)).t().contiguous().t()  # (M, U), contiguous over the tokens
+    return {"mu": mu, "packed": packed, "gap_b": gap_b, "range": B.amax(1) - B.amin(1), "abs": B.abs().amax(1)}
 
 
-def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool):
+def has_kernel() -> bool:
+    """Whether this build has the compiled CPU kernel of score_pairs (weightablate::token_moment_scores)."""
+    from . import ops
+
+    return ((ORDER, LOG_SERIES_MAX) == KERNEL_CONSTANTS and ops._LOAD_ERROR is None
+            and hasattr(torch.ops.weightablate, "token_moment_scores")  # a library built before the op lacks it
+            and ops._has_kernel("token_moment_scores", "CPU"))
+
+
+KERNEL_CONSTANTS = (6, 6.5e-3)  # the ORDER and LOG_SERIES_MAX the compiled kernel is written for
+
+
+def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool,
+                backend: str = "auto"):
     """(dce, kl, undecided (K, M) bool) for the pairs (K, M) whose unit has row ``slot`` (K,) in
     ``mom``; undecided marks the (pair, token)s the certificate or the flip test leaves to the exact
-    form (their dce and kl here are not to be used)."""
+    form (their dce and kl here are not to be used). The compiled kernel on CPU tensors when this build
+    has it, unless ``backend`` is "torch"; else score_pairs_reference (same operations, same order:
+    the results agree to the last bits of exp, log1p and x^D)."""
+    if backend != "torch" and alpha.device.type == "cpu" and has_kernel():
+        return torch.ops.weightablate.token_moment_scores(
+            alpha, beta, slot, mom["packed"], ts.gap_a, mom["gap_b"].t(), ts.a_max, ts.q, ts.margin.double(),
+            ts.logit_abs.double(), ts.A_abs, mom["range"], mom["abs"], ts.a.shape[1], CERTIFY, flip_eps, want_flips)
+    return score_pairs_reference(alpha, beta, slot, ts, mom, flip_eps, want_flips)
+
+
+def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool):
+    """score_pairs in PyTorch: the reference the compiled kernel is tested against."""
     mu = {k: v.t()[slot] for k, v in mom["mu"].items()}  # (K, M)
     apow, bpow = [torch.ones_like(alpha)], [torch.ones_like(beta)]
     for n in range(1, ORDER + 1):
