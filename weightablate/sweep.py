@@ -236,6 +236,8 @@ def _sweep(method, stream, K, by_class, max_memory, prog, total_batches, checkpo
         totals = Totals.from_state(state["totals"], K, by_class)
     elif checkpoint is not None and unsaved:
         save()
+    if totals.n == 0:
+        raise ValueError("data: no prediction counts: every label is ignore_index (-100)")
     return totals.result(), totals.n, totals.ce_sum / totals.n, totals.correct / totals.n
 
 

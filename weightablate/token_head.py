@@ -69,12 +69,18 @@ def plan_token_head(graph, values: dict, name: str) -> TokenHead:
             raise ValueError(f"{describe(n)} runs after the head {head!r}")
         if n.target not in ADD and n.args[:1] != (current,):
             raise ValueError(f"{describe(n)} reads the changed value other than as its first argument")
+        per_channel = isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.PReLU) and m.num_parameters > 1)
+        if per_channel and isinstance(values[n], torch.Tensor) and values[n].dim() > 2:
+            raise ValueError(f"{describe(n)}: a {type(m).__name__} on {tuple(values[n].shape)} acts per channel "
+                             "along axis 1 (the tokens), not per unit")
         if _node_step(n, mods, units, target.weight.device) is None:
             pass  # dropout, identity
         elif add is None and (n.op in ("call_function", "call_method") and n.target in ADD):
             if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
                 raise ValueError(f"{describe(n)}: the residual add must add two tensors")
             other = n.args[1] if n.args[0] is current else n.args[0]
+            if other in dependent:  # u + u: the change enters twice (all_input_nodes lists it once)
+                raise ValueError(f"{describe(n)} adds the changed value to itself, not to a residual")
             if values[other].shape != values[n].shape or values[current].shape != values[n].shape:
                 raise ValueError(f"{describe(n)} broadcasts")
             add = n
@@ -236,6 +242,11 @@ class TokenClosedForm:
 
     def score(self, batch, sl: slice):
         d, i = self.unit_deltas(sl)  # (K, M)
+        if d.shape[1] == 0:  # no token of this batch counts (all labels ignore_index)
+            K = d.shape[0]
+            f, n = torch.zeros(K, dtype=torch.float64, device=d.device), torch.zeros(K, dtype=torch.int64, device=d.device)
+            cl = torch.zeros(K, self.n_vocab if self.by_class else 0, dtype=torch.float64, device=d.device)
+            return f, f.clone(), n, n.clone(), n.clone(), torch.zeros(K, dtype=torch.bool, device=d.device), cl
         if self.moments_on:
             return self._score_moments(batch, d, i, sl)
         units, inv = torch.unique(i, return_inverse=True)
@@ -308,7 +319,9 @@ class TokenClosedForm:
             dce[k, t], kl[k, t], flips[k, t], new_err[k, t], new_corr[k, t] = out
         self.exact_entries += int(k.numel())
         self.entries += int(active.sum())
-        nonzero = (active & (self.mom["abs"][slot] > 0)[:, None]).any(1)
+        # the logits move when d != 0 reaches them through B_i (beta) or through the normalisation (alpha)
+        moved = ((beta != 0) & (self.mom["abs"][slot] > 0)[:, None]) | ((alpha != 0) & (self.stats.A_abs > 0)[None])
+        nonzero = (active & moved).any(1)
         class_loss = torch.zeros(K, self.n_vocab if self.by_class else 0, dtype=torch.float64, device=d.device)
         if self.by_class:
             class_loss.index_add_(1, batch.labels, dce)

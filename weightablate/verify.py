@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .model_copy import copy_model
 from .naive import Entries
-from .tokens import flat_tokens
+from .tokens import IGNORE_INDEX, flat_tokens
 
 SAMPLES = 8  # of the first batch
 LARGEST, RANDOM = 2, 2  # probe weights: the largest |w| and a few drawn at random
@@ -95,6 +95,12 @@ def self_check(run, name: str, target, param: str, flat: torch.Tensor, x, y, sco
     values = tensor.detach().reshape(-1)[flat.to(tensor.device)].cpu()
     positions = probe(flat.cpu(), values, seed)
     weights = flat.cpu()[positions]
+    if y.dim() == 2:  # per-token labels: sequences with at least one token that counts
+        keep = (y != IGNORE_INDEX).any(1)
+        if not bool(keep.any()):
+            return "not run: no token of the first batch counts (every label is ignore_index, -100)"
+        if not bool(keep.all()) and isinstance(x, torch.Tensor):
+            x, y = x[keep.to(x.device)], y[keep]
     x, y = x[:SAMPLES], y[:SAMPLES]
     got = score(run, weights, x, y)
     in64 = tensor.dtype == torch.float64
