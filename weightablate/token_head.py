@@ -69,7 +69,8 @@ def plan_token_head(graph, values: dict, name: str) -> TokenHead:
             raise ValueError(f"{describe(n)} runs after the head {head!r}")
         if n.target not in ADD and n.args[:1] != (current,):
             raise ValueError(f"{describe(n)} reads the changed value other than as its first argument")
-        per_channel = isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.PReLU) and m.num_parameters > 1)
+        per_channel = isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(m, nn.PReLU) and m.num_parameters > 1)
         if per_channel and isinstance(values[n], torch.Tensor) and values[n].dim() > 2:
             raise ValueError(f"{describe(n)}: a {type(m).__name__} on {tuple(values[n].shape)} acts per channel "
                              "along axis 1 (the tokens), not per unit")
@@ -167,7 +168,8 @@ class TokenClosedForm:
 
     @property
     def description(self) -> str:
-        how = "O(1) per weight and token from mixed moments" if self.moments_on else "O(vocabulary) per weight and token"
+        how = ("O(1) per weight and token from mixed moments" if self.moments_on
+               else "O(vocabulary) per weight and token")
         return f"{self.th.description}: LayerNorm closed form, {how}" + self.why
 
     @property
@@ -244,7 +246,8 @@ class TokenClosedForm:
         d, i = self.unit_deltas(sl)  # (K, M)
         if d.shape[1] == 0:  # no token of this batch counts (all labels ignore_index)
             K = d.shape[0]
-            f, n = torch.zeros(K, dtype=torch.float64, device=d.device), torch.zeros(K, dtype=torch.int64, device=d.device)
+            f = torch.zeros(K, dtype=torch.float64, device=d.device)
+            n = torch.zeros(K, dtype=torch.int64, device=d.device)
             cl = torch.zeros(K, self.n_vocab if self.by_class else 0, dtype=torch.float64, device=d.device)
             return f, f.clone(), n, n.clone(), n.clone(), torch.zeros(K, dtype=torch.bool, device=d.device), cl
         if self.moments_on:

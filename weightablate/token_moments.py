@@ -197,8 +197,8 @@ def flip_size(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float):
 
 def near_flips(alpha, beta, A, B, u, batch, ts: TokenStats, t, flip_dtype):
     """(flip, new_err, new_corr) (E,) of entries (token t, unit row u of B) whose flip can only go
-    to one of the token's NEAR nearest classes: argmax of the rounded logits over the top class and those (first index on ties,
-    as torch.argmax over all classes)."""
+    to one of the token's NEAR nearest classes: argmax of the rounded logits over the top class and
+    those (first index on ties, as torch.argmax over all classes)."""
     cls = ts.near[t]  # (E, NEAR + 1)
     dl = alpha[:, None] * A[t[:, None], cls] + beta[:, None] * B[u[:, None], cls]  # as exact_entries
     now_v = (batch.logits[t[:, None], cls] + dl).to(flip_dtype)
