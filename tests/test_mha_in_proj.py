@@ -289,3 +289,34 @@ def test_bias_kv_and_zero_attn_match_token_oracle():
     ref = token_oracle(model, "attn", X, y, w, "in_proj_weight")
     assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-7, atol=1e-13)
     assert torch.equal(res.flips, ref["flips"])
+
+
+def test_a_3d_attn_mask_tied_to_the_batch_is_refused_by_name():
+    """A per-(sample, head) attn_mask (N * heads, T, T) cannot be stacked with the ablations: a
+    ValueError naming it (not torch's shape error); backend="naive" is exact."""
+    E, H, T, N = 8, 2, 6, 5
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn = nn.Embedding(11, E), nn.MultiheadAttention(E, H, batch_first=True)
+            self.out = nn.Linear(E, 11)
+            self.register_buffer("mask", torch.full((T, T), float("-inf")).triu(1))
+
+        def forward(self, idx):
+            x = self.emb(idx)
+            t = idx.shape[1]
+            a, _ = self.attn(x, x, x, attn_mask=self.mask[:t, :t].expand(idx.shape[0] * H, t, t))
+            return self.out(x + a)
+
+    torch.manual_seed(0)
+    m = M().eval()
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randint(0, 11, (N, T), generator=g), torch.randint(0, 11, (N, T), generator=g)
+    w = torch.arange(0, 192, 7)
+    with pytest.raises(ValueError, match=r"ablations stacked along the batch axis.*\(N \* heads, T, T\)"):
+        wa.ablate(m, "attn", (X, y), w, precision="float64")
+    assert not hasattr(m.attn, "in_proj")
+    res = wa.ablate(m, "attn", (X, y), w, precision="float64", backend="naive")
+    ref = token_oracle(m, "attn", X, y, w, param="in_proj_weight")
+    assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-12, atol=1e-15)

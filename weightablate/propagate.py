@@ -493,7 +493,15 @@ class Propagator:
                              f"a {type(seq_first[0]).__name__} with batch_first=False: the first axis of its inputs "
                              "is not the batch, so the ablations cannot be stacked along it; build it with "
                              "batch_first=True")
-        out = self._call(n, fx.node.map_aggregate(n.args, new), fx.node.map_aggregate(n.kwargs, new))
+        try:
+            out = self._call(n, fx.node.map_aggregate(n.args, new), fx.node.map_aggregate(n.kwargs, new))
+        except RuntimeError as exc:  # an argument tied to the batch size that is not stacked with it
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"replay: node {n.name!r} ({n.op} {_name(n.target)}){where(n)} fails with the {K} "
+                             f"ablations stacked along the batch axis ({msg}): one of its arguments has a first "
+                             "axis tied to the batch size without being the batch (e.g. a 3-D attn_mask of shape "
+                             "(N * heads, T, T)); pass a mask that broadcasts over the batch, or a key_padding_mask "
+                             "(N, T), or use backend='naive' (exact, slow)") from None
         if n not in self.out64:
             self.out64[n] = self._call(n, fx.node.map_aggregate(n.args, old), fx.node.map_aggregate(n.kwargs, old))
         base = self.out64[n]
