@@ -254,7 +254,7 @@ class TokenClosedForm:
             return self._score_moments(batch, d, i, sl)
         units, inv = torch.unique(i, return_inverse=True)
         pc, var_p, B = self.directions(units)
-        alpha, beta = self._scalars(d, pc[inv], var_p[inv])
+        alpha, beta = self._scalars(d, (pc @ self.hc.t() / pc.shape[1])[inv], var_p[inv])
         # (pairs x tokens x vocabulary) blocks within the budget: tokens are split when one pair's are too many
         K, M = d.shape
         step = max(1, getattr(self, "budget", CPU_REPLAY_BYTES) // (BYTES_PER_ENTRY * K * self.n_vocab))
@@ -270,9 +270,9 @@ class TokenClosedForm:
     def _flip_dtype(self):
         return torch.promote_types(self.target.weight.dtype, torch.float32)
 
-    def _scalars(self, d, pc, var_p):
-        """alpha = 1/s(d) - 1/s(0) and beta = d / s(d) (K, M) for pairs with centred directions pc (K, D)."""
-        cov = (pc @ self.hc.t()) / pc.shape[1]  # (K, M)
+    def _scalars(self, d, cov, var_p):
+        """alpha = 1/s(d) - 1/s(0) and beta = d / s(d) (K, M) for pairs whose units have cov(h, p) (K, M)
+        and var_p (K,)."""
         s0 = self.s0[None]
         grow = d * (2 * cov + d * var_p[:, None])  # s(d)^2 - s(0)^2
         s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
@@ -288,7 +288,8 @@ class TokenClosedForm:
         ahead = torch.unique_consecutive(self.units[sl.stop: sl.stop + cap * max(1, self.target.in_features)])
         ahead = ahead[~torch.isin(ahead, units)][: cap - units.numel()]
         self.mom_units = torch.unique(torch.cat([units, ahead]))
-        self.pc_m, self.var_m, self.B_m = self.directions(self.mom_units)
+        pc, self.var_m, self.B_m = self.directions(self.mom_units)
+        self.cov_m = pc @ self.hc.t() / pc.shape[1]  # (U, M): per unit, not per weight
         self.mom = unit_moments(self.stats, self.B_m)
 
     def _score_moments(self, batch, d, i, sl):
@@ -297,7 +298,7 @@ class TokenClosedForm:
         units = torch.unique(i)
         self._moments_for(units, sl)
         slot = torch.searchsorted(self.mom_units, i)
-        alpha, beta = self._scalars(d, self.pc_m[slot], self.var_m[slot])
+        alpha, beta = self._scalars(d, self.cov_m[slot], self.var_m[slot])
         flip_dtype = self._flip_dtype()
         eps = torch.finfo(flip_dtype).eps
         dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, eps, False, self.backend)
