@@ -320,3 +320,36 @@ def test_a_3d_attn_mask_tied_to_the_batch_is_refused_by_name():
     res = wa.ablate(m, "attn", (X, y), w, precision="float64", backend="naive")
     ref = token_oracle(m, "attn", X, y, w, param="in_proj_weight")
     assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-12, atol=1e-15)
+
+
+class _Tiny(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.emb, self.attn, self.out = nn.Embedding(11, 8), attn, nn.Linear(8, 11)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        a, _ = self.attn(x, x, x)
+        return self.out(x + a)
+
+
+def test_a_subclass_keeping_torchs_forward_is_followed():
+    """A MultiheadAttention subclass with only its own __init__ runs torch's forward: its twin applies."""
+    from weightablate import criteria
+
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    torch.manual_seed(0)
+    m = _Tiny(MyAttention(8, 2, batch_first=True)).eval()
+    X, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    w = torch.arange(0, 192, 5)
+    res = wa.ablate(m, "attn", (X, y), w, precision="float64")
+    ref = token_oracle(m, "attn", X, y, w, param="in_proj_weight")
+    assert torch.allclose(res.delta_loss, ref["delta_loss"], rtol=1e-10, atol=1e-14)
+    with pytest.raises(TypeError, match=r"^layer 'attn' is an nn.MultiheadAttention: the criteria read"):
+        criteria.compute(m, "attn", (X, y), ("wanda",))
+    with pytest.raises(ValueError, match=r"^structure='out': labels of shape \(3, 5\) are per token"):
+        wa.ablate(m, "out", (X, y), [0, 1], structure="out")
+    with pytest.raises(ValueError, match=r"its Linear, Conv2d and MultiheadAttention layers are: .*'attn'"):
+        wa.ablate(m, "atn", (X, y), 3)

@@ -35,9 +35,9 @@ def _resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
         try:
             return layer, model.get_submodule(layer)
         except AttributeError:
-            names = [n for n, m in model.named_modules() if isinstance(m, TARGETS)]
-            raise ValueError(f"layer {layer!r} is not a module of the model; its Linear and Conv2d layers are: "
-                             f"{names}") from None
+            names = [n for n, m in model.named_modules() if isinstance(m, (*TARGETS, nn.MultiheadAttention))]
+            raise ValueError(f"layer {layer!r} is not a module of the model; its Linear, Conv2d and "
+                             f"MultiheadAttention layers are: {names}") from None
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
@@ -277,6 +277,10 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                 stream = iter(stream)
                 first = next(stream)  # dispatch looks at one batch's shapes; it is still swept
                 labels_dim = first[1].dim()
+                if structure != "weight" and labels_dim == 2:
+                    raise ValueError(f"structure={structure!r}: labels of shape {tuple(first[1].shape)} are per "
+                                     "token; structured ablation scores (N, C) logits only (single weights, "
+                                     "structure='weight', are scored per token)")
                 stream = itertools.chain([first], stream)
                 plan = _plan_structured if structure != "weight" else _plan_weights
                 scorer, check = plan(run, name, run_target, param, structure, local, first, resolved, mode,
@@ -287,7 +291,7 @@ def ablate(model: nn.Module, layer, data, weights=None, *, metrics=METRICS, back
                                                             total_batches=count_batches(data, batch_size),
                                                             checkpoint=checkpoint)
             kind, head_desc = scorer.kind, scorer.description
-            counts = getattr(scorer, "counts", {})  # the fused path's pairs and its exact fraction
+            counts = getattr(scorer, "counts", {})  # the fused/moment paths' pairs and their exact fraction
             if parts is not None:
                 out = distributed.gather(parts, out, flat.numel())
     finally:
@@ -324,7 +328,7 @@ def _check_target(model, layer, weights, param, structure, method):
         param = _check_mha(name, target, param, structure)
     elif not isinstance(target, TARGETS):
         raise TypeError(f"layer {name!r} is a {type(target).__name__}; only torch.nn.Linear and torch.nn.Conv2d "
-                        "layers can be ablated")
+                        "layers (and nn.MultiheadAttention's in_proj_weight) can be ablated")
     if structure not in structured.STRUCTURES:
         raise ValueError(f"structure must be one of {structured.STRUCTURES}, got {structure!r}")
     if structure != "weight" and (param != "weight" or isinstance(weights, str)):

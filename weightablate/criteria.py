@@ -124,6 +124,10 @@ def _compute(model, layer, data, names=NAMES, *, batch_size=None, strict=True):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, target = _resolve_layer(model, layer)
+    if isinstance(target, nn.MultiheadAttention):
+        raise TypeError(f"layer {name!r} is an nn.MultiheadAttention: the criteria read a Linear's or a Conv2d's "
+                        "weight; ablate() scores its in_proj_weight exactly, criteria for it are not built (write q, "
+                        "k, v as nn.Linear layers to compare criteria there)")
     if not isinstance(getattr(target, "weight", None), torch.Tensor):
         raise TypeError(f"layer {name!r} ({type(target).__name__}) has no weight tensor")
     skipped = {}

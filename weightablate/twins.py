@@ -139,6 +139,10 @@ TWINS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _enc
 
 
 def twin(module: nn.Module):
-    """The traceable forward of ``module`` (bound), or None when fx traces its own."""
-    f = TWINS.get(type(module))
-    return (lambda *args, **kwargs: f(module, *args, **kwargs)) if f is not None else None
+    """The traceable forward of ``module`` (bound), or None when fx traces its own: a subclass that
+    keeps torch's forward (a custom __init__) gets its base's twin, one with a forward of its own none."""
+    base = next((b for b in type(module).__mro__ if b in TWINS), None)
+    if base is None or type(module).forward is not base.forward:
+        return None
+    f = TWINS[base]
+    return lambda *args, **kwargs: f(module, *args, **kwargs)
