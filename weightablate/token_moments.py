@@ -49,24 +49,25 @@ def log1p_minus(s: torch.Tensor) -> torch.Tensor:
 
 
 class TokenStats:
-    """Per-token quantities of one batch: top class, the a-moments, margins."""
+    """Per-token quantities of one batch: top class, the a-moments, margins. The (tokens x vocabulary)
+    matrices a = A - A[top] and the probabilities without the top class are made block by block
+    (``blocks``) when needed, not kept: with a real vocabulary each is gigabytes."""
 
     def __init__(self, A: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor):
         M, V = A.shape
+        self.M, self.V, self.A, self.probs = M, V, A, probs
         self.top = logits.argmax(1)
-        rows = torch.arange(M, device=A.device)
-        self.rest = probs.clone()
-        self.rest[rows, self.top] = 0.0  # the top class's terms are zero: leave it out exactly
-        self.q = self.rest.sum(1)
-        self.a = A - A[rows, self.top][:, None]  # (M, V)
-        self.a_max = self.a.abs().amax(1)
-        amom = []
-        ar = torch.ones_like(self.a)
-        for _ in range(ORDER):
-            ar = ar * self.a
-            amom.append((self.rest * ar).sum(1))
-        self.amom = amom  # amom[r - 1][t] = mu_r0
-        self.gap_a = amom[0] - self.a[rows, labels]
+        self.q = torch.empty(M, dtype=torch.float64, device=A.device)
+        self.a_max, self.gap_a = torch.empty_like(self.q), torch.empty_like(self.q)
+        self.amom = [torch.empty_like(self.q) for _ in range(ORDER)]  # amom[r - 1][t] = mu_r0
+        for rows, rest, a in self.blocks():
+            self.q[rows] = rest.sum(1)
+            self.a_max[rows] = a.abs().amax(1)
+            ar = rest
+            for r in range(ORDER):
+                ar = ar * a
+                self.amom[r][rows] = ar.sum(1)
+            self.gap_a[rows] = self.amom[0][rows] - a.gather(1, labels[rows][:, None])[:, 0]
         if V > 1:
             two = logits.topk(2, 1).values
             self.margin = two[:, 0] - two[:, 1]
@@ -79,22 +80,31 @@ class TokenStats:
         self.A_abs = A.abs().amax(1)
         self.labels = labels
 
+    def blocks(self):
+        """(rows, rest, a) over blocks of tokens: rest = p without the top class (its terms are zero:
+        left out exactly), a = A - A[top]; each (block, V) float64."""
+        step = max(1, _BLOCK // max(self.V, 1))
+        for t0 in range(0, self.M, step):
+            rows = slice(t0, min(t0 + step, self.M))
+            top = self.top[rows]
+            idx = torch.arange(top.numel(), device=top.device)
+            rest = self.probs[rows].clone()
+            rest[idx, top] = 0.0
+            A = self.A[rows]
+            yield rows, rest, A - A[idx, top][:, None]
+
 
 def unit_moments(ts: TokenStats, B: torch.Tensor) -> dict:
     """The mixed moments mu_rs (M, U) of the units whose directions are the rows of B (U, V), the
     label gaps E_p b - b_y (M, U) and each unit's range max B - min B (U,)."""
-    M, V = ts.a.shape
-    U = B.shape[0]
+    M, U = ts.M, B.shape[0]
     centre = B.mean(1, keepdim=True)
     Bc = B - centre
     powers = [Bc]
     for _ in range(ORDER - 1):
         powers.append(powers[-1] * Bc)
     raw = {}  # raw[(r, j)] = sum_c rest a^r (B - centre)^j, j >= 1
-    step = max(1, _BLOCK // max(V, 1))
-    for t0 in range(0, M, step):
-        rows = slice(t0, t0 + step)
-        rest, a = ts.rest[rows], ts.a[rows]
+    for _, rest, a in ts.blocks():
         pr = rest
         for r in range(ORDER):
             for j in range(1, ORDER - r + 1):
@@ -150,7 +160,7 @@ def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, w
     if backend != "torch" and alpha.device.type == "cpu" and has_kernel():
         return torch.ops.weightablate.token_moment_scores(
             alpha, beta, slot, mom["packed"], ts.gap_a, mom["gap_b"].t(), ts.a_max, ts.q, ts.margin.double(),
-            ts.logit_abs.double(), ts.A_abs, mom["range"], mom["abs"], ts.a.shape[1], CERTIFY, flip_eps, want_flips)
+            ts.logit_abs.double(), ts.A_abs, mom["range"], mom["abs"], ts.V, CERTIFY, flip_eps, want_flips)
     return score_pairs_reference(alpha, beta, slot, ts, mom, flip_eps, want_flips)
 
 
@@ -176,7 +186,7 @@ def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps
     # the remainder sum_c p_c |y_c|^(D+1) e^|y_c| / (D+1)! with |y_c| <= x, bounded by q x^(D+1) and,
     # D being even, by E_p[y^D] x (tighter: most of p sits on classes with |y_c| far below x);
     # E_p[y^D] is taken as computed plus its rounding bound (V + 2D + 4) 2u 2^D q x^D
-    V = ts.a.shape[1]
+    V = ts.V
     mD = top.clamp_min(0) * math.factorial(ORDER) + (V + 2 * ORDER + 4) * 4.4e-16 * 2 ** ORDER * ts.q[None] * x ** ORDER
     bound = torch.minimum(ts.q[None] * x ** ORDER, mD) * x * torch.exp(x) / math.factorial(ORDER + 1)
     undecided = (x > 0.5) | (bound > CERTIFY * kl)
