@@ -105,3 +105,37 @@ def test_batches_without_a_counted_token():
     y[:] = IGNORE
     with pytest.raises(ValueError, match=r"^data: no prediction counts: every label is ignore_index"):
         wa.ablate(model, "fc", (X, y), w)
+
+
+@pytest.mark.parametrize("big,layer", [(1e60, "fc"), (1e150, "proj")])
+def test_a_huge_residual_value_is_scored_exactly(big, layer):
+    """One token's residual holds 1e60 / 1e150: x^6 of its moments overflows (those entries go to the
+    exact form; d = 0 entries stay 0, not 0 * inf), and s s0 (s + s0) would overflow in alpha."""
+    torch.manual_seed(4)
+    model = LM(vocab=24).double().eval()
+    X, y = data(N=3, vocab=24, seed=2)
+    with torch.no_grad():
+        model.emb.weight[X[0, 0], 2] = big
+    w = torch.arange(0, 128, 5)
+    ref = token_oracle(model, layer, X, y, w)
+    for kw in ({}, {"backend": "torch"}, {"mode": "exact"}):
+        res = wa.ablate(model, layer, (X, y), w, precision="float64", verify=False, **kw)
+        assert torch.isfinite(res.delta_loss).all() and torch.isfinite(res.delta_kl).all(), kw
+        close(res, ref)
+
+
+def test_a_massive_activation_along_the_unit_goes_to_the_exact_form():
+    """A residual feature ~1e5 larger than the rest (as in large LMs), ablating the unit writing it:
+    alpha a and beta b nearly cancel and the KL would be a small difference of the moments' order-2
+    terms; the cancellation guard sends those pairs to the exact form (KL as mode="exact")."""
+    torch.manual_seed(0)
+    model = LM(vocab=24).double().eval()
+    with torch.no_grad():
+        model.proj.bias[2] += 1e5
+    X, y = data(N=2, vocab=24, seed=1)
+    w = torch.arange(2 * 16, 3 * 16)  # proj's row 2: the massive feature
+    auto = wa.ablate(model, "proj", (X, y), w, precision="float64", verify=False)
+    exact = wa.ablate(model, "proj", (X, y), w, precision="float64", verify=False, mode="exact")
+    assert auto.extra["exact_fraction"] > 0.5
+    assert ((auto.delta_kl - exact.delta_kl).abs() <= 1e-9 * exact.delta_kl.abs()).all()
+    assert torch.allclose(auto.delta_loss, exact.delta_loss, rtol=1e-10, atol=0)

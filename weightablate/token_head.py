@@ -276,7 +276,7 @@ class TokenClosedForm:
         s0 = self.s0[None]
         grow = d * (2 * cov + d * var_p[:, None])  # s(d)^2 - s(0)^2
         s = torch.sqrt((self.var_h[None] + self.th.ln.eps) + grow)
-        return -grow / (s * s0 * (s + s0)), d / s
+        return -(grow / s / (s + s0)) / s0, d / s  # divided in turn: s s0 (s + s0) overflows for a huge residual
 
     def _moments_for(self, units: torch.Tensor, sl: slice):
         """The moments of a block of units that holds ``units`` (the chunk's) and, within the moment
@@ -305,6 +305,7 @@ class TokenClosedForm:
         K, M = d.shape
         active = d != 0
         uncertified &= active
+        dce.masked_fill_(~active, 0.0), kl.masked_fill_(~active, 0.0)  # d = 0 changes nothing (0 * inf moments: NaN)
         flips = torch.zeros(K, M, dtype=torch.bool, device=d.device)
         new_err, new_corr = torch.zeros_like(flips), torch.zeros_like(flips)
         if self.want_flips:  # the margin cannot rule a flip out: the argmax over the nearest classes, or all

@@ -32,6 +32,9 @@ from ._reference import _exact_kl
 ORDER = 6  # D: mixed moments of order r + s <= D (even: the certificate uses E_p[y^D] >= 0)
 CERTIFY = 1e-10  # the truncation bound allowed, relative to the pair's KL
 LOG_SERIES_MAX = 6.5e-3  # |S| up to which log1p(S) - S is summed as its series (degree 9)
+# the moments' relative rounding assumed by the cancellation guard (64 ulps: sums over the vocabulary);
+# a pair whose order-2 terms exceed CERTIFY / CANCEL times its KL is scored by the exact form
+CANCEL = 64 * 2.0 ** -52
 _BLOCK = 1 << 24  # float64 entries of one (tokens x vocabulary) temporary
 EXACT_BLOCK = 1 << 23  # (pairs x vocabulary) entries of one block of the exact fallback
 NEAR = 16  # a flip the margin test cannot rule out is resolved over the top class and the NEAR next
@@ -142,12 +145,12 @@ def has_kernel() -> bool:
     """Whether this build has the compiled CPU kernel of score_pairs (weightablate::token_moment_scores)."""
     from . import ops
 
-    return ((ORDER, LOG_SERIES_MAX) == KERNEL_CONSTANTS and ops._LOAD_ERROR is None
+    return ((ORDER, LOG_SERIES_MAX, CANCEL) == KERNEL_CONSTANTS and ops._LOAD_ERROR is None
             and hasattr(torch.ops.weightablate, "token_moment_scores")  # a library built before the op lacks it
             and ops._has_kernel("token_moment_scores", "CPU"))
 
 
-KERNEL_CONSTANTS = (6, 6.5e-3)  # the ORDER and LOG_SERIES_MAX the compiled kernel is written for
+KERNEL_CONSTANTS = (6, 6.5e-3, 64 * 2.0 ** -52)  # the ORDER, LOG_SERIES_MAX, CANCEL the kernel is written for
 
 
 def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool,
@@ -189,7 +192,12 @@ def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps
     V = ts.V
     mD = top.clamp_min(0) * math.factorial(ORDER) + (V + 2 * ORDER + 4) * 4.4e-16 * 2 ** ORDER * ts.q[None] * x ** ORDER
     bound = torch.minimum(ts.q[None] * x ** ORDER, mD) * x * torch.exp(x) / math.factorial(ORDER + 1)
-    undecided = (x > 0.5) | (bound > CERTIFY * kl)
+    # the cancellation guard: alpha a and beta b can nearly cancel (a massive residual feature along the unit's
+    # direction), then KL is a small difference of the order-2 terms, whose size this bounds
+    t2 = alpha.abs() * mu[(2, 0)].clamp_min(0).sqrt() + beta.abs() * mu[(0, 2)].clamp_min(0).sqrt()
+    t2 = t2 * t2 / 2
+    undecided = (x > 0.5) | (bound > CERTIFY * kl) | (CANCEL * t2 > CERTIFY * kl)
+    undecided |= ~(torch.isfinite(kl) & torch.isfinite(dce))  # an overflow (x^D of a huge residual) is never scored
     if want_flips:
         x, rounding = flip_size(alpha, beta, slot, ts, mom, flip_eps)
         undecided |= x >= ts.margin[None] - rounding

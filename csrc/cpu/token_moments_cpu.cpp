@@ -22,6 +22,7 @@ constexpr int kOrder = 6;                           // token_moments.ORDER
 constexpr int kMoments = kOrder * (kOrder + 3) / 2;  // mixed moments of order 1..kOrder: 27
 constexpr double kLogSeriesMax = 6.5e-3;            // token_moments.LOG_SERIES_MAX
 constexpr double kMaxX = 0.5;                       // beyond: the exact form
+constexpr double kCancel = 64.0 / 4503599627370496.0;  // token_moments.CANCEL: 64 * 2^-52
 constexpr int64_t kTile = 512;                      // tokens per pass: a unit's moment tile stays in L2
 constexpr double kFact = 720.0, kFact1 = 5040.0;    // D!, (D + 1)!
 
@@ -64,8 +65,16 @@ struct Args {
 
 struct Entry {
   double dce, kl, und;  // und: 1 or 0
-  double s, s2, bound, und_x;  // for the log1p pass: S, S_2, the truncation bound, x's own tests (1 or 0)
+  double s, s2, bound, und_x, t2;  // for the log1p pass: S, S_2, the truncation bound, x's own tests (1 or 0),
+                                   // the order-2 terms' size (the cancellation guard)
 };
+
+// Whether a scored entry is left to the exact form: x's tests, the truncation bound, the cancellation guard,
+// or a non-finite result (x - x is 0 only for finite x).
+WA_INLINE double undecided(double und_x, double bound, double t2, double kl, double dce, double certify) {
+  const bool finite = (kl - kl == 0.0) && (dce - dce == 0.0);
+  return und_x != 0.0 || bound > certify * kl || kCancel * t2 > certify * kl || !finite ? 1.0 : 0.0;
+}
 
 // One (pair, token): the reference's operations in its order (the moments in _PAIRS' order: order n = 1..D,
 // r = 0..n, s = n - r). log1p(S) - S by its series throughout: finish_log redoes the entries whose |S| is
@@ -114,13 +123,16 @@ WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double 
     const double safe = a.margin[t] - a.flip_scale * size;
     und_x = x >= safe ? 1.0 : und_x;
   }
-  const double und = und_x != 0.0 ? 1.0 : (bound > a.certify * kl ? 1.0 : 0.0);
-  return {dce, kl, und, s, s2, bound, und_x};
+  const double m20 = mu[4 * M + t], m02 = mu[2 * M + t];  // (2, 0) is _PAIRS[4], (0, 2) _PAIRS[2]
+  double t2 = std::fabs(al) * std::sqrt(m20 < 0.0 ? 0.0 : m20) + std::fabs(be) * std::sqrt(m02 < 0.0 ? 0.0 : m02);
+  t2 = t2 * t2 / 2;
+  const double und = undecided(und_x, bound, t2, kl, dce, a.certify);
+  return {dce, kl, und, s, s2, bound, und_x, t2};
 }
 
 template <bool kFlips>
 WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
-  double und[kTile], sv[kTile], s2v[kTile], bv[kTile], uxv[kTile];
+  double und[kTile], sv[kTile], s2v[kTile], bv[kTile], uxv[kTile], t2v[kTile];
   const int64_t M = a.M;
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
     const int64_t n = std::min(M, t0 + kTile) - t0;
@@ -147,6 +159,7 @@ WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
         s2v[i] = e.s2;
         bv[i] = e.bound;
         uxv[i] = e.und_x;
+        t2v[i] = e.t2;
       }
       for (int64_t i = 0; i < n; ++i) {  // |S| beyond the log series: log1p(S) - S (log1p_minus)
         const double s = sv[i];
@@ -154,7 +167,7 @@ WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
           const double k_ = s2v[i] + (std::log1p(s) - s);
           kl[i] = k_;
           dce[i] = k_ + al[i] * ga[i] + be[i] * gb[i];
-          und[i] = uxv[i] != 0.0 ? 1.0 : (bv[i] > a.certify * k_ ? 1.0 : 0.0);
+          und[i] = undecided(uxv[i], bv[i], t2v[i], k_, dce[i], a.certify);
         }
       }
       uint8_t* out = a.undecided + k * M + t0;
