@@ -319,7 +319,7 @@ class TokenClosedForm:
             uncertified[fk[~near], ft[~near]] = True
         k, t = uncertified.nonzero(as_tuple=True)
         if k.numel():
-            out = exact_entries(alpha[k, t], beta[k, t], self.A, self.B_m[slot[k]], batch, t, flip_dtype,
+            out = exact_entries(alpha[k, t], beta[k, t], self.A, self.B_m, slot[k], batch, t, flip_dtype,
                                 self.want_flips)
             dce[k, t], kl[k, t], flips[k, t], new_err[k, t], new_corr[k, t] = out
         self.exact_entries += int(k.numel())

@@ -228,9 +228,10 @@ def near_flips(alpha, beta, A, B, u, batch, ts: TokenStats, t, flip_dtype):
     return flip, flip & (pred == y), flip & (now == y)
 
 
-def exact_entries(alpha, beta, A, B_rows, batch, t, flip_dtype, want_flips):
+def exact_entries(alpha, beta, A, B, u, batch, t, flip_dtype, want_flips):
     """The exact O(vocabulary) scores of E (pair, token) entries: alpha, beta (E,), the token rows t
-    (E,) and their units' directions B_rows (E, V): (dce, kl, flip, new_err, new_corr) (E,)."""
+    (E,) and their units' rows u (E,) of the directions B (U, V): (dce, kl, flip, new_err, new_corr)
+    (E,). Blocks of EXACT_BLOCK (entries x vocabulary): E can be most of a chunk (confident tokens)."""
     E = alpha.shape[0]
     V = A.shape[1]
     out = [torch.zeros(E, dtype=torch.float64, device=A.device) for _ in range(2)] + [
@@ -240,7 +241,7 @@ def exact_entries(alpha, beta, A, B_rows, batch, t, flip_dtype, want_flips):
     for e in range(0, E, step):
         sl = slice(e, e + step)
         tt = t[sl]
-        dl = alpha[sl, None] * A[tt] + beta[sl, None] * B_rows[sl]
+        dl = alpha[sl, None] * A[tt] + beta[sl, None] * B[u[sl]]
         kl, m1 = _exact_kl(batch.probs[tt], dl, ones[sl], batch.logits, tt)
         out[0][sl] = kl + m1 - dl.gather(1, batch.labels[tt][:, None])[:, 0]
         out[1][sl] = kl
