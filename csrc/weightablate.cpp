@@ -36,10 +36,9 @@ TORCH_LIBRARY(weightablate, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The LayerNorm closed form's moment path (weightablate/token_moments.py, score_pairs): per (pair k, token t)
   // of alpha, beta (K, M) float64, from the mixed moments (U, 27, M) of unit slot[k] (orders 1..6 in _PAIRS'
-  // order), gap_a (M,), gap_b (U, M), the per-token a_max, q, margin, logit_abs, A_abs (M,) and the per-unit
-  // range, abs (U,): (dce, kl (K, M) float64, undecided (K, M) bool: left to the exact form).
+  // order), gap_a (M,), gap_b (U, M), the per-token a_max, q (M,) and the per-unit range (U,): (dce, kl (K, M)
+  // float64, undecided (K, M) bool: left to the exact form).
   m.def(
       "token_moment_scores(Tensor alpha, Tensor beta, Tensor slot, Tensor moments, Tensor gap_a, Tensor gap_b, "
-      "Tensor a_max, Tensor q, Tensor margin, Tensor logit_abs, Tensor A_abs, Tensor unit_range, Tensor unit_abs, "
-      "int n_vocab, float certify, float flip_eps, bool flips) -> (Tensor, Tensor, Tensor)");
+      "Tensor a_max, Tensor q, Tensor unit_range, int n_vocab, float certify) -> (Tensor, Tensor, Tensor)");
 }

@@ -120,7 +120,7 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if not self.is_leaf_module(m, self.path_of_module(m)):
-            mine = twin(m)  # a torch.nn forward fx cannot trace (weightablate.twins)
+            mine = twin(m, torch_base(type(m)))  # a torch.nn forward fx cannot trace (weightablate.twins)
             if mine is not None and (m._forward_hooks or m._forward_pre_hooks):
                 raise Refused(f"module {self.path_of_module(m)!r} ({type(m).__name__}) holds the target and has a "
                               "forward hook, which its traced twin does not run (a hook can change what it "

@@ -62,8 +62,8 @@ if _LOAD_ERROR is None:
 
     if hasattr(torch.ops.weightablate, "token_moment_scores"):
         @torch.library.register_fake("weightablate::token_moment_scores")
-        def _token_moment_scores_fake(alpha, beta, slot, moments, gap_a, gap_b, a_max, q, margin, logit_abs, A_abs,
-                                      unit_range, unit_abs, n_vocab, certify, flip_eps, flips):
+        def _token_moment_scores_fake(alpha, beta, slot, moments, gap_a, gap_b, a_max, q, unit_range, n_vocab,
+                                      certify):
             return alpha.new_empty(alpha.shape), alpha.new_empty(alpha.shape), alpha.new_empty(alpha.shape,
                                                                                                dtype=torch.bool)
 

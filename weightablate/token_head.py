@@ -232,35 +232,33 @@ class TokenClosedForm:
         return up - u, i
 
     def directions(self, units: torch.Tensor):
-        """For the units (U,): the centred directions pc (U, D) of the LayerNorm's input, var_p (U,)
-        and B = V (gamma * pc) (U, vocab)."""
+        """For the units (U,): cov(h, p) (U, M) with the batch's LayerNorm inputs, var_p (U,) and
+        B = V (gamma * pc) (U, vocab), pc (U, D) being the units' centred directions."""
         if self.P is not None:
             p = self.P[:, units].t()
         else:
             p = torch.zeros(units.numel(), self.V.shape[1], dtype=torch.float64, device=self.V.device)
             p[torch.arange(units.numel(), device=p.device), units] = 1.0
         pc = p - p.mean(1, keepdim=True)
-        return pc, (pc * pc).mean(1), (pc * self.gamma) @ self.V.t()
+        return pc @ self.hc.t() / pc.shape[1], (pc * pc).mean(1), (pc * self.gamma) @ self.V.t()
 
     def score(self, batch, sl: slice):
         d, i = self.unit_deltas(sl)  # (K, M)
-        if d.shape[1] == 0:  # no token of this batch counts (all labels ignore_index)
-            K = d.shape[0]
-            f = torch.zeros(K, dtype=torch.float64, device=d.device)
-            n = torch.zeros(K, dtype=torch.int64, device=d.device)
-            cl = torch.zeros(K, self.n_vocab if self.by_class else 0, dtype=torch.float64, device=d.device)
-            return f, f.clone(), n, n.clone(), n.clone(), torch.zeros(K, dtype=torch.bool, device=d.device), cl
+        if d.shape[1] == 0:  # no token of this batch counts (all labels ignore_index): nothing changes
+            return score_logit_deltas(d.new_zeros(d.shape[0], 0, self.n_vocab), batch, self.want_flips,
+                                      self.by_class, self._flip_dtype())
         if self.moments_on:
             return self._score_moments(batch, d, i, sl)
         units, inv = torch.unique(i, return_inverse=True)
-        pc, var_p, B = self.directions(units)
-        alpha, beta = self._scalars(d, (pc @ self.hc.t() / pc.shape[1])[inv], var_p[inv])
+        cov, var_p, B = self.directions(units)
+        alpha, beta = self._scalars(d, cov[inv], var_p[inv])
+        B = B[inv]
         # (pairs x tokens x vocabulary) blocks within the budget: tokens are split when one pair's are too many
         K, M = d.shape
         step = max(1, getattr(self, "budget", CPU_REPLAY_BYTES) // (BYTES_PER_ENTRY * K * self.n_vocab))
         total = None
         for r in (slice(t, t + step) for t in range(0, M, step)):
-            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[inv][:, None, :]
+            dl = alpha[:, r, None] * self.A[None, r] + beta[:, r, None] * B[:, None, :]
             rows = Batch(logits=batch.logits[r], probs=batch.probs[r], labels=batch.labels[r])
             parts = score_logit_deltas(dl, rows, self.want_flips, self.by_class, self._flip_dtype())
             total = parts if total is None else tuple(
@@ -288,8 +286,7 @@ class TokenClosedForm:
         ahead = torch.unique_consecutive(self.units[sl.stop: sl.stop + cap * max(1, self.target.in_features)])
         ahead = ahead[~torch.isin(ahead, units)][: cap - units.numel()]
         self.mom_units = torch.unique(torch.cat([units, ahead]))
-        pc, self.var_m, self.B_m = self.directions(self.mom_units)
-        self.cov_m = pc @ self.hc.t() / pc.shape[1]  # (U, M): per unit, not per weight
+        self.cov_m, self.var_m, self.B_m = self.directions(self.mom_units)  # per unit, not per weight
         self.mom = unit_moments(self.stats, self.B_m)
 
     def _score_moments(self, batch, d, i, sl):
@@ -301,7 +298,7 @@ class TokenClosedForm:
         alpha, beta = self._scalars(d, self.cov_m[slot], self.var_m[slot])
         flip_dtype = self._flip_dtype()
         eps = torch.finfo(flip_dtype).eps
-        dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, eps, False, self.backend)
+        dce, kl, uncertified = score_pairs(alpha, beta, slot, self.stats, self.mom, self.backend)
         K, M = d.shape
         active = d != 0
         uncertified &= active

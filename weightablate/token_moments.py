@@ -16,8 +16,9 @@ beta (E_p b - b_y). Truncating after order D errs by at most ``sum_c p_c |y_c|^(
 with ``|y_c| <= x = |alpha| max|a| + |beta| (max B_i - min B_i)``, so by ``min(q x^D, E_p[y^D]) x e^x /
 (D+1)!`` (D even: ``E_p[y^D] >= 0`` is the series' own order-D term times D!, taken with its rounding
 bound; it is the tight one, as most of p sits on classes with |y_c| far below x). A (weight, token)
-whose bound exceeds CERTIFY * KL (or x > 1/2) is scored by the exact O(vocabulary) form instead, and
-so is any whose flip the margin test ``x < margin - rounding`` cannot rule out. The b-moments are
+whose bound exceeds CERTIFY * KL (or x > 1/2) is scored by the exact O(vocabulary) form instead; one
+whose flip the margin test ``x < margin - rounding`` cannot rule out is resolved over the token's NEAR
+nearest classes (or all of them). The b-moments are
 taken about the unit's mean over the vocabulary and shifted binomially to the top class per token,
 as in weightablate.fused; everything is float64.
 """
@@ -71,15 +72,12 @@ class TokenStats:
                 ar = ar * a
                 self.amom[r][rows] = ar.sum(1)
             self.gap_a[rows] = self.amom[0][rows] - a.gather(1, labels[rows][:, None])[:, 0]
-        if V > 1:
-            two = logits.topk(2, 1).values
-            self.margin = two[:, 0] - two[:, 1]
-        else:
-            self.margin = torch.full((M,), math.inf, dtype=logits.dtype, device=logits.device)
-        self.logit_abs = logits.abs().amax(1)
         vals, idx = logits.topk(min(V, NEAR + 2), 1)
+        inf = torch.full((M,), math.inf, dtype=logits.dtype, device=logits.device)
+        self.margin = vals[:, 0] - vals[:, 1] if V > 1 else inf
         self.near = idx[:, : NEAR + 1]  # the top class and the NEAR next, by logit
-        self.near_gap = (vals[:, 0] - vals[:, NEAR + 1]) if V > NEAR + 1 else torch.full_like(self.margin, math.inf)
+        self.near_gap = vals[:, 0] - vals[:, NEAR + 1] if V > NEAR + 1 else inf
+        self.logit_abs = logits.abs().amax(1)
         self.A_abs = A.abs().amax(1)
         self.labels = labels
 
@@ -111,11 +109,7 @@ def unit_moments(ts: TokenStats, B: torch.Tensor) -> dict:
         pr = rest
         for r in range(ORDER):
             for j in range(1, ORDER - r + 1):
-                part = pr @ powers[j - 1].t()
-                if (r, j) in raw:
-                    raw[(r, j)].append(part)
-                else:
-                    raw[(r, j)] = [part]
+                raw.setdefault((r, j), []).append(pr @ powers[j - 1].t())
             pr = pr * a
     raw = {k: torch.cat(v) for k, v in raw.items()}
     w = Bc.t()[ts.top]  # (M, U): B[top] - centre
@@ -153,21 +147,19 @@ def has_kernel() -> bool:
 KERNEL_CONSTANTS = (6, 6.5e-3, 64 * 2.0 ** -52)  # the ORDER, LOG_SERIES_MAX, CANCEL the kernel is written for
 
 
-def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool,
-                backend: str = "auto"):
+def score_pairs(alpha, beta, slot, ts: TokenStats, mom: dict, backend: str = "auto"):
     """(dce, kl, undecided (K, M) bool) for the pairs (K, M) whose unit has row ``slot`` (K,) in
-    ``mom``; undecided marks the (pair, token)s the certificate or the flip test leaves to the exact
-    form (their dce and kl here are not to be used). The compiled kernel on CPU tensors when this build
+    ``mom``; undecided marks the (pair, token)s the certificate leaves to the exact form (their dce
+    and kl here are not to be used; flips are flip_size's and near_flips' business). The compiled kernel on CPU tensors when this build
     has it, unless ``backend`` is "torch"; else score_pairs_reference (same operations, same order:
     the results agree to the last bits of exp, log1p and x^D)."""
     if backend != "torch" and alpha.device.type == "cpu" and has_kernel():
         return torch.ops.weightablate.token_moment_scores(
-            alpha, beta, slot, mom["packed"], ts.gap_a, mom["gap_b"].t(), ts.a_max, ts.q, ts.margin.double(),
-            ts.logit_abs.double(), ts.A_abs, mom["range"], mom["abs"], ts.V, CERTIFY, flip_eps, want_flips)
-    return score_pairs_reference(alpha, beta, slot, ts, mom, flip_eps, want_flips)
+            alpha, beta, slot, mom["packed"], ts.gap_a, mom["gap_b"].t(), ts.a_max, ts.q, mom["range"], ts.V, CERTIFY)
+    return score_pairs_reference(alpha, beta, slot, ts, mom)
 
 
-def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps: float, want_flips: bool):
+def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict):
     """score_pairs in PyTorch: the reference the compiled kernel is tested against."""
     mu = {k: v.t()[slot] for k, v in mom["mu"].items()}  # (K, M)
     apow, bpow = [torch.ones_like(alpha)], [torch.ones_like(beta)]
@@ -198,9 +190,6 @@ def score_pairs_reference(alpha, beta, slot, ts: TokenStats, mom: dict, flip_eps
     t2 = t2 * t2 / 2
     undecided = (x > 0.5) | (bound > CERTIFY * kl) | (CANCEL * t2 > CERTIFY * kl)
     undecided |= ~(torch.isfinite(kl) & torch.isfinite(dce))  # an overflow (x^D of a huge residual) is never scored
-    if want_flips:
-        x, rounding = flip_size(alpha, beta, slot, ts, mom, flip_eps)
-        undecided |= x >= ts.margin[None] - rounding
     return dce, kl, undecided
 
 

@@ -138,11 +138,9 @@ def _mha(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, 
 TWINS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _encoder, nn.MultiheadAttention: _mha}
 
 
-def twin(module: nn.Module):
-    """The traceable forward of ``module`` (bound), or None when fx traces its own: a subclass that
-    keeps torch's forward (a custom __init__) gets its base's twin, one with a forward of its own none."""
-    base = next((b for b in type(module).__mro__ if b in TWINS), None)
-    if base is None or type(module).forward is not base.forward:
-        return None
-    f = TWINS[base]
-    return lambda *args, **kwargs: f(module, *args, **kwargs)
+def twin(module: nn.Module, torch_cls: type | None):
+    """The traceable forward of ``module`` (bound), or None when fx traces its own. ``torch_cls``: the
+    torch.nn class whose forward it runs (weightablate.graph.torch_base: a subclass that keeps torch's
+    forward gets its base's twin, one with a forward of its own none)."""
+    f = TWINS.get(torch_cls)
+    return (lambda *args, **kwargs: f(module, *args, **kwargs)) if f is not None else None

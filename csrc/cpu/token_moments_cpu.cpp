@@ -1,5 +1,6 @@
 // The LayerNorm closed form's moment path on the CPU: per (pair k, token t), the truncated mixed-moment series
-// of the log-partition change -> (dCE, KL), its truncation certificate and flip test -> undecided. The math and
+// of the log-partition change -> (dCE, KL), its truncation certificate -> undecided (the flip test is
+// weightablate.token_moments.flip_size's). The math and
 // the reference (same operations, same order) are weightablate/token_moments.py (score_pairs_reference).
 #pragma GCC optimize("fp-contract=off")  // the reference's roundings: no fused multiply-adds
 #include <ATen/Parallel.h>
@@ -53,12 +54,11 @@ struct Args {
   const double *alpha, *beta;  // (K, M)
   const int64_t* slot;         // (K,)
   const double* mom;           // (U, kMoments, M)
-  const double *gap_a, *a_max, *q, *margin, *logit_abs, *A_abs;  // (M,)
+  const double *gap_a, *a_max, *q;  // (M,)
   const double* gap_b;                                           // (U, M)
-  const double *range, *uabs;                                    // (U,)
+  const double* range;  // (U,)
   int64_t K, M;
-  double round_coef, certify, flip_scale;  // (V + 2D + 4) 4.4e-16 2^D; CERTIFY; 4 flip_eps
-  bool flips;
+  double round_coef, certify;  // (V + 2D + 4) 4.4e-16 2^D; CERTIFY
   double *dce, *kl;
   uint8_t* undecided;
 };
@@ -79,9 +79,8 @@ WA_INLINE double undecided(double und_x, double bound, double t2, double kl, dou
 // One (pair, token): the reference's operations in its order (the moments in _PAIRS' order: order n = 1..D,
 // r = 0..n, s = n - r). log1p(S) - S by its series throughout: finish_log redoes the entries whose |S| is
 // beyond the series' range.
-template <bool kFlips>
-WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double rng, double uab, double al,
-                      double be, int64_t t) {
+WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double rng, double al, double be,
+                      int64_t t) {
   const int64_t M = a.M;
   const double a1 = al, a2 = a1 * al / 2, a3 = a2 * al / 3, a4 = a3 * al / 4, a5 = a4 * al / 5, a6 = a5 * al / 6;
   const double b1 = be, b2 = b1 * be / 2, b3 = b2 * be / 3, b4 = b3 * be / 4, b5 = b4 * be / 5, b6 = b5 * be / 6;
@@ -117,12 +116,7 @@ WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double 
   const double mD = (top < 0.0 ? 0.0 : top) * kFact + a.round_coef * a.q[t] * x6;  // NaN stays NaN, as clamp_min
   const double lo = qx != qx ? qx : (mD < qx ? mD : qx);                          // torch.minimum: NaN wins
   const double bound = lo * x * exp_small(x) / kFact1;
-  double und_x = x > kMaxX ? 1.0 : 0.0;
-  if (kFlips) {
-    const double size = a.logit_abs[t] + std::fabs(al) * a.A_abs[t] + std::fabs(be) * uab;
-    const double safe = a.margin[t] - a.flip_scale * size;
-    und_x = x >= safe ? 1.0 : und_x;
-  }
+  const double und_x = x > kMaxX ? 1.0 : 0.0;
   const double m20 = mu[4 * M + t], m02 = mu[2 * M + t];  // (2, 0) is _PAIRS[4], (0, 2) _PAIRS[2]
   double t2 = std::fabs(al) * std::sqrt(m20 < 0.0 ? 0.0 : m20) + std::fabs(be) * std::sqrt(m02 < 0.0 ? 0.0 : m02);
   t2 = t2 * t2 / 2;
@@ -130,8 +124,7 @@ WA_INLINE Entry entry(const Args& a, const double* mu, const double* gb, double 
   return {dce, kl, und, s, s2, bound, und_x, t2};
 }
 
-template <bool kFlips>
-WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
+WA_CLONES void score_rows(const Args& a, int64_t kb, int64_t ke) {
   double und[kTile], sv[kTile], s2v[kTile], bv[kTile], uxv[kTile], t2v[kTile];
   const int64_t M = a.M;
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
@@ -141,17 +134,16 @@ WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
       const int64_t u = a.slot[k];
       const double* mu = a.mom + u * kMoments * M + t0;
       const double* gb = a.gap_b + u * M + t0;
-      const double rng = a.range[u], uab = a.uabs[u];
+      const double rng = a.range[u];
       const double* al = a.alpha + k * M + t0;
       const double* be = a.beta + k * M + t0;
       double* dce = a.dce + k * M + t0;
       double* kl = a.kl + k * M + t0;
-      const Args at{a.alpha, a.beta, a.slot, a.mom, ga, a.a_max + t0, a.q + t0, a.margin + t0,
-                    a.logit_abs + t0, a.A_abs + t0, a.gap_b, a.range, a.uabs, a.K, M, a.round_coef, a.certify,
-                    a.flip_scale, a.flips, a.dce, a.kl, a.undecided};
+      const Args at{a.alpha, a.beta, a.slot, a.mom, ga, a.a_max + t0, a.q + t0, a.gap_b, a.range, a.K, M,
+                    a.round_coef, a.certify, a.dce, a.kl, a.undecided};
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const Entry e = entry<kFlips>(at, mu, gb, rng, uab, al[i], be[i], i);
+        const Entry e = entry(at, mu, gb, rng, al[i], be[i], i);
         dce[i] = e.dce;
         kl[i] = e.kl;
         und[i] = e.und;
@@ -176,19 +168,11 @@ WA_INLINE void score_rows_impl(const Args& a, int64_t kb, int64_t ke) {
   }
 }
 
-WA_CLONES void score_rows(const Args& a, int64_t kb, int64_t ke) {
-  if (a.flips) {
-    score_rows_impl<true>(a, kb, ke);
-  } else {
-    score_rows_impl<false>(a, kb, ke);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_moment_scores_cpu(
     const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& slot, const at::Tensor& moments,
     const at::Tensor& gap_a, const at::Tensor& gap_b, const at::Tensor& a_max, const at::Tensor& q,
-    const at::Tensor& margin, const at::Tensor& logit_abs, const at::Tensor& A_abs, const at::Tensor& unit_range,
-    const at::Tensor& unit_abs, int64_t n_vocab, double certify, double flip_eps, bool flips) {
+    const at::Tensor& unit_range, int64_t n_vocab, double certify) {
   const char* op = "token_moment_scores: ";
   TORCH_CHECK(alpha.dim() == 2 && beta.sizes() == alpha.sizes(), op, "alpha and beta must be (K, M)");
   const int64_t K = alpha.size(0), M = alpha.size(1);
@@ -197,14 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_moment_scores_cpu(
               "moments must be (U, ", kMoments, ", M): the mixed moments of order 1..", kOrder);
   const int64_t U = moments.size(0);
   TORCH_CHECK(gap_b.dim() == 2 && gap_b.size(0) == U && gap_b.size(1) == M, op, "gap_b must be (U, M)");
-  for (const auto* v : {&gap_a, &a_max, &q, &margin, &logit_abs, &A_abs}) {
+  for (const auto* v : {&gap_a, &a_max, &q}) {
     TORCH_CHECK(v->dim() == 1 && v->size(0) == M, op, "the per-token tensors must be (M,)");
   }
-  for (const auto* v : {&unit_range, &unit_abs}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == U, op, "range and abs must be (U,)");
-  }
-  for (const auto* v : {&alpha, &beta, &moments, &gap_a, &gap_b, &a_max, &q, &margin, &logit_abs, &A_abs,
-                        &unit_range, &unit_abs}) {
+  TORCH_CHECK(unit_range.dim() == 1 && unit_range.size(0) == U, op, "unit_range must be (U,)");
+  for (const auto* v : {&alpha, &beta, &moments, &gap_a, &gap_b, &a_max, &q, &unit_range}) {
     TORCH_CHECK(v->scalar_type() == at::kDouble, op, "every tensor but slot must be float64");
     TORCH_CHECK(v->device().is_cpu(), op, "every tensor must be on the CPU");
   }
@@ -218,8 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_moment_scores_cpu(
     TORCH_CHECK(slot_c.min().item<int64_t>() >= 0 && slot_c.max().item<int64_t>() < U, op, "slot out of range");
   }
   auto al = alpha.contiguous(), be = beta.contiguous(), mo = moments.contiguous(), gb = gap_b.contiguous();
-  auto ga = gap_a.contiguous(), am = a_max.contiguous(), qc = q.contiguous(), mg = margin.contiguous();
-  auto la = logit_abs.contiguous(), Aa = A_abs.contiguous(), rg = unit_range.contiguous(), ua = unit_abs.contiguous();
+  auto ga = gap_a.contiguous(), am = a_max.contiguous(), qc = q.contiguous(), rg = unit_range.contiguous();
   Args a;
   a.alpha = al.data_ptr<double>();
   a.beta = be.data_ptr<double>();
@@ -228,18 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_moment_scores_cpu(
   a.gap_a = ga.data_ptr<double>();
   a.a_max = am.data_ptr<double>();
   a.q = qc.data_ptr<double>();
-  a.margin = mg.data_ptr<double>();
-  a.logit_abs = la.data_ptr<double>();
-  a.A_abs = Aa.data_ptr<double>();
   a.gap_b = gb.data_ptr<double>();
   a.range = rg.data_ptr<double>();
-  a.uabs = ua.data_ptr<double>();
   a.K = K;
   a.M = M;
   a.round_coef = static_cast<double>(n_vocab + 2 * kOrder + 4) * 4.4e-16 * double(1 << kOrder);  // as Python
   a.certify = certify;
-  a.flip_scale = 4 * flip_eps;
-  a.flips = flips;
   a.dce = dce.data_ptr<double>();
   a.kl = kl.data_ptr<double>();
   a.undecided = reinterpret_cast<uint8_t*>(undecided.data_ptr<bool>());
